@@ -1,0 +1,21 @@
+"""Differentiable ops. Each takes `impl=None | "torch" | "triton"` (see `_dispatch.resolve_impl`).
+
+One folder per op: `reference.py` (pure torch, CPU-safe), `triton.py` (kernels, where they
+exist), `__init__.py` (validate -> dispatch -> autograd).
+"""
+
+from muse_lm.ops.scan import bk_resolvent, linear_recurrence
+from muse_lm.ops.semiseparable import semiseparable_scan, semiseparable_step
+from muse_lm.ops.tt_cross_entropy import linear_cross_entropy, tt_linear_cross_entropy
+from muse_lm.ops.tt_embedding import tt_embedding, tt_reconstruct
+
+__all__ = [
+    "bk_resolvent",
+    "linear_cross_entropy",
+    "linear_recurrence",
+    "semiseparable_scan",
+    "semiseparable_step",
+    "tt_embedding",
+    "tt_linear_cross_entropy",
+    "tt_reconstruct",
+]

@@ -1,0 +1,53 @@
+"""Choosing an implementation for an op: `impl=None | "torch" | "triton"`.
+
+No silent fallback: an explicit request that cannot be honoured raises with the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+IMPLS = (None, "torch", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(op: str, impl: str | None, *tensors: torch.Tensor, has_triton_kernel: bool) -> str:
+    """Returns "torch" or "triton" for `op` given the inputs' device.
+
+    `None` picks Triton for CUDA tensors (when the op has a kernel and Triton imports) and the
+    torch reference for CPU tensors. "triton" on CPU tensors is allowed only under Triton's
+    interpreter (TRITON_INTERPRET=1).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of None, 'torch', 'triton'")
+    on_cuda = any(t.is_cuda for t in tensors)
+    if impl == "torch":
+        return "torch"
+    if impl is None and not on_cuda:
+        return "torch"
+    if impl is None and not has_triton_kernel:
+        # The op has no Triton kernel yet: the reference *is* its implementation on every device.
+        return "torch"
+    if not has_triton_kernel:
+        raise NotImplementedError(f"{op}: no Triton kernel exists for this op yet; pass impl='torch'")
+    if not triton_available():
+        raise RuntimeError(
+            f"{op}: Triton is not installed, so the CUDA path cannot run; install triton "
+            "(pip install 'muse-lm[triton]') or pass impl='torch'"
+        )
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"{op}: impl='triton' on CPU tensors needs Triton's interpreter; set TRITON_INTERPRET=1 "
+            "or pass impl='torch'"
+        )
+    return "triton"
