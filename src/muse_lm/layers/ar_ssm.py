@@ -1,0 +1,147 @@
+"""AdaptiveRankSemiseparableLayer: a causal semiseparable sequence mixer with per-token rank gates.
+
+Per head, y = (L o (V U^T)) X with L_ts = prod_{s<j<=t} a_j (the SSD view), computed by
+`semiseparable_scan` in chunks; a_t = exp(log_a_t) is data dependent. A short causal depthwise
+convolution mixes neighbouring tokens first. Rank gates m_t in [0,1]^R scale u_t and v_t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muse_lm.layers.gates import GATE_MODES, rank_gate
+from muse_lm.layers.norms import RMSNorm
+from muse_lm.ops import semiseparable_scan, semiseparable_step
+
+
+@dataclass
+class ARSSMState:
+    """Recurrent cache of one layer: O(1) in the number of tokens seen.
+
+    conv: [B, conv_size - 1, D] last inputs of the causal conv; ssm: [B, H, R, P] fp32 state.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class AdaptiveRankSemiseparableLayer(nn.Module):
+    """x [B, T, D] -> (y [B, T, D], gate_penalty scalar, state | None).
+
+    Args:
+        d_model: D.
+        max_rank: R, rank of the state per head (h_t is R x head_dim).
+        min_rank: components [0, min_rank) are never gated off.
+        num_heads: H; head_dim = expand * D / H.
+        gate_mode: "soft" | "ste" | "gumbel" (see `set_gate_mode`).
+        gate_l1: weight of the L1 penalty on the mean gate probability (returned, not applied).
+    """
+
+    def __init__(self, d_model: int, max_rank: int = 32, min_rank: int = 4, *, num_heads: int = 4,
+                 expand: int = 2, conv_size: int = 4, chunk_size: int = 64, gate_mode: str = "soft",
+                 gumbel_temperature: float = 1.0, gate_l1: float = 1e-4, stats_momentum: float = 0.99,
+                 init_std: float = 0.02, out_init_std: float | None = None):
+        super().__init__()
+        if not 0 <= min_rank <= max_rank:
+            raise ValueError(f"min_rank={min_rank} must be in [0, max_rank={max_rank}]")
+        if (expand * d_model) % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide expand*d_model={expand * d_model}")
+        self.d_model, self.max_rank, self.min_rank = d_model, max_rank, min_rank
+        self.num_heads, self.d_inner = num_heads, expand * d_model
+        self.head_dim = self.d_inner // num_heads
+        self.conv_size, self.chunk_size = conv_size, chunk_size
+        self.gate_l1, self.stats_momentum = gate_l1, stats_momentum
+        self.set_gate_mode(gate_mode, gumbel_temperature=gumbel_temperature)
+
+        H, R = num_heads, max_rank
+        self.conv = nn.Conv1d(d_model, d_model, conv_size, groups=d_model, bias=True)
+        # One matmul for values, keys (u), queries (v), decay step and gate logits.
+        self._splits = (self.d_inner, H * R, H * R, H, R)
+        self.in_proj = nn.Linear(d_model, sum(self._splits), bias=False)
+        self.z_proj = nn.Linear(d_model, self.d_inner, bias=False)
+        self.out_norm = RMSNorm(self.head_dim)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.gate_bias = nn.Parameter(torch.empty(R))
+        self.register_buffer("gate_mean", torch.ones(R))
+        self.init_std = init_std
+        self.out_init_std = out_init_std if out_init_std is not None else init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.in_proj, self.z_proj):
+            nn.init.normal_(lin.weight, std=self.init_std)
+        nn.init.normal_(self.out_proj.weight, std=self.out_init_std)
+        nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(self.conv_size))
+        nn.init.zeros_(self.conv.bias)
+        # Decay timescales spread over heads (Mamba-2 style): A in [1, 16], dt in [1e-3, 1e-1].
+        H = self.num_heads
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, H)))
+            dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), H))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            self.gate_bias.fill_(2.0)  # start near full rank: sigmoid(2) ~ 0.88
+        self.gate_mean.fill_(1.0)
+
+    def set_gate_mode(self, mode: str, *, gumbel_temperature: float | None = None) -> None:
+        if mode not in GATE_MODES:
+            raise ValueError(f"gate mode {mode!r} is not one of {GATE_MODES}")
+        if gumbel_temperature is not None and gumbel_temperature <= 0:
+            raise ValueError(f"gumbel_temperature={gumbel_temperature} must be > 0")
+        self.gate_mode = mode
+        if gumbel_temperature is not None:
+            self.gumbel_temperature = gumbel_temperature
+
+    def effective_rank(self) -> torch.Tensor:
+        """Expected number of active rank components (running mean of the gates, summed)."""
+        return self.gate_mean.sum()
+
+    def _conv(self, x: torch.Tensor, state: ARSSMState | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv: left context only (the cached inputs, or zeros)."""
+        k = self.conv_size - 1
+        past = state.conv.to(x.dtype) if state is not None else x.new_zeros(x.shape[0], k, x.shape[2])
+        xp = torch.cat([past, x], dim=1)
+        y = F.conv1d(xp.transpose(1, 2), self.conv.weight.to(x.dtype), self.conv.bias.to(x.dtype),
+                     groups=self.d_model).transpose(1, 2)
+        return F.silu(y), xp[:, xp.shape[1] - k:]
+
+    def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
+        """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state)."""
+        B, T, _ = x.shape
+        H, R, P = self.num_heads, self.max_rank, self.head_dim
+        xc, conv_tail = self._conv(x, state)
+        vals, u, v, dt, g = self.in_proj(xc).split(self._splits, dim=-1)
+        gate_logits = g.float() + self.gate_bias
+        gate = rank_gate(gate_logits, self.gate_mode, training=self.training,
+                         temperature=self.gumbel_temperature, min_rank=self.min_rank).to(u.dtype)
+        u = u.view(B, T, H, R) * gate.unsqueeze(2)
+        v = v.view(B, T, H, R) * (gate.unsqueeze(2) * R**-0.5)
+        log_a = -torch.exp(self.A_log.float()) * F.softplus(dt.float() + self.dt_bias.float())
+        vals = vals.view(B, T, H, P)
+        prev = state.ssm if state is not None else None
+        if T == 1 and prev is not None:
+            y, ssm = semiseparable_step(vals[:, 0], u[:, 0], v[:, 0], log_a[:, 0], prev)
+            y = y.unsqueeze(1)
+        else:
+            y, ssm = semiseparable_scan(vals, u, v, log_a, initial_state=prev,
+                                        output_final_state=return_state or state is not None,
+                                        chunk_size=self.chunk_size)
+        y = self.out_norm(y.to(x.dtype)).reshape(B, T, self.d_inner) * F.silu(self.z_proj(x))
+        prob = torch.sigmoid(gate_logits[..., self.min_rank:])
+        penalty = self.gate_l1 * prob.sum(-1).mean() if prob.numel() else gate_logits.new_zeros(())
+        if self.training:
+            self._update_gate_stats(gate)
+        new_state = ARSSMState(conv_tail, ssm) if (return_state or state is not None) else None
+        return self.out_proj(y), penalty, new_state
+
+    @torch.no_grad()
+    def _update_gate_stats(self, gate: torch.Tensor) -> None:
+        # In-place EMA on the device: no host sync.
+        mean = gate.detach().float().reshape(-1, self.max_rank).mean(0)
+        self.gate_mean.mul_(self.stats_momentum).add_(mean, alpha=1 - self.stats_momentum)
