@@ -76,3 +76,12 @@ def test_overrides_are_validated():
         with_overrides(get_preset("tiny"), {"dmodel": 64})
     with pytest.raises(ConfigError, match="seq_len"):
         with_overrides(get_preset("tiny"), {"seq_len": 0})
+
+
+def test_readme_preset_table_is_current():
+    from pathlib import Path
+
+    from muse_lm.presets import presets_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert presets_markdown() in readme, "README preset table is stale: regenerate it from presets_markdown()"

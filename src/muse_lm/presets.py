@@ -247,3 +247,17 @@ def _check() -> None:
 
 
 _check()
+
+
+def presets_markdown() -> str:
+    """The README's preset table (tests check that the README carries exactly this)."""
+    lines = ["| preset | aliases | d_model | layers | heads | rank | TT r | vocab | seq | micro-batch x accum "
+             "| act. ckpt | dtype | params | est. peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in preset_rows():
+        budget = "CPU" if r["budget"] is None else f"{r['est_peak_gib']:.1f} GiB of {r['budget']:g}"
+        lns = " + LNS (planned)" if r["lns"] == "planned" else ""
+        lines.append(f"| {r['preset']} | {r['aliases']} | {r['d_model']} | {r['layers']} | {r['heads']} | "
+                     f"{r['rank']} | {r['tt_rank']} | {r['vocab']} | {r['seq']} | {r['batch']} | {r['ckpt']} | "
+                     f"{r['dtype']}{lns} | {r['params'] / 1e6:.1f}M | {budget} |")
+    return "\n".join(lines)
