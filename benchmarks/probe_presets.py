@@ -60,7 +60,6 @@ def probe(name: str, repeats: int = 2) -> dict:
     out = {"preset": name, "micro_batch": B, "seq_len": T, "step_s": dt, "tokens_per_s": B * T / dt,
            "peak_gib": peak, "estimate_gib": est["peak_gib"], "budget_gib": preset.budget_gb,
            "params": est["params"], "loss": float(loss)}
-    del model, opt
     torch.cuda.empty_cache()
     return out
 

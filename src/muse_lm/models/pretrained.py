@@ -33,6 +33,8 @@ def read_model_dir(path: str | Path, map_location: str | torch.device = "cpu"):
     try:
         config = json.loads((ckpt / "config.json").read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{ckpt / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged")
+        raise CheckpointError(f"{ckpt / 'config.json'} is not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{ckpt / 'config.json'} has no \"model\" section; it was not written by muse_lm")
     state = load_file(str(ckpt / "model.safetensors"), device=str(map_location))
     return ckpt, config, state

@@ -67,9 +67,11 @@ def resolve_device(requested: str | None, info: DistInfo) -> torch.device:
 
 
 def _quickstart(preset_train: TrainConfig, steps: int) -> TrainConfig:
-    """The preset's recipe shortened to the no-argument job's `steps` (warm-up and eval spacing
-    scaled down so a short run still warms up, decays and reports held-out loss a few times)."""
-    return dataclasses.replace(preset_train, steps=steps,
+    """The preset's recipe shortened to the no-argument job's `steps` (no accumulation; warm-up and eval
+    spacing scaled down so a short run still warms up, decays and reports held-out loss a few times)."""
+    # One micro-batch per step: on a GPU the job makes `steps` updates in a few minutes (the presets'
+    # accumulation is for full-length runs).
+    return dataclasses.replace(preset_train, steps=steps, grad_accum=1,
                                warmup_steps=min(preset_train.warmup_steps, max(1, steps // 20)),
                                eval_every=min(preset_train.eval_every, max(1, steps // 6)))
 
@@ -191,10 +193,7 @@ def _tokenizer_for(plan: RunPlan, options: RunOptions, corpus: Corpus) -> tokeni
         return tokenizers.Tokenizer.from_str(plan.resume_from.tokenizer_json)
     if options.tokenizer is not None:
         return load_tokenizer(options.tokenizer)
-    try:
-        return get_tokenizer(corpus, plan.model.vocab_size)
-    except ValueError as err:  # train_tokenizer's own check of vocab_size
-        raise ConfigError(f"vocab_size={plan.model.vocab_size} cannot be trained: {err}") from None
+    return get_tokenizer(corpus, plan.model.vocab_size)
 
 
 def _move_stale_metrics(run_dir: Path) -> None:

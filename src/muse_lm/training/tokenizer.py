@@ -16,7 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from muse_lm.errors import DataError
+from muse_lm.errors import ConfigError, DataError
 from muse_lm.io import write_text_atomic
 from muse_lm.training.data import Corpus, cache_dir
 
@@ -37,7 +37,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> tokenizers.Tokenizer:
     dominated by counting words, not by the number of merges), ~600 MB peak RSS.
     """
     if not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB:
-        raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= {_MIN_VOCAB} "
+        raise ConfigError(f"vocab_size={vocab_size!r} must be an integer >= {_MIN_VOCAB} "
                          "(256 byte tokens + the end-of-text token)")
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
