@@ -7,15 +7,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from muse_lm.errors import ConfigError
+from muse_lm.config_utils import config_from_dict, require
+from muse_lm.layers.gates import GATE_MODES
 
-GATE_MODES = ("soft", "ste", "gumbel")
 EMBEDDINGS = ("htt", "dense")
 
 
 def _require(cond: bool, name: str, value: Any, fix: str) -> None:
-    if not cond:
-        raise ConfigError(f"MuseConfig.{name}={value!r} is invalid: {fix}")
+    require("MuseConfig", cond, name, value, fix)
 
 
 @dataclass
@@ -86,11 +85,7 @@ class MuseConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MuseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"MuseConfig: unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

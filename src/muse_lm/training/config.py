@@ -6,14 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from muse_lm.errors import ConfigError
+from muse_lm.config_utils import config_from_dict, require
 
 DTYPES = ("bf16", "fp32")
 
 
 def _require(cond: bool, name: str, value: Any, fix: str) -> None:
-    if not cond:
-        raise ConfigError(f"TrainConfig.{name}={value!r} is invalid: {fix}")
+    require("TrainConfig", cond, name, value, fix)
 
 
 @dataclass
@@ -70,8 +69,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"TrainConfig: unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
