@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from muse_lm.layers.tt_svd import tt_svd
 from muse_lm.ops import linear_cross_entropy, tt_embedding, tt_linear_cross_entropy, tt_reconstruct
 from muse_lm.ops.tt_cross_entropy import tt_logits
 
@@ -79,7 +80,29 @@ class HTTEmbedding(nn.Module):
             nn.Parameter(torch.empty(v, self.tt_ranks[k], d, self.tt_ranks[k + 1]))
             for k, (v, d) in enumerate(zip(self.vocab_factors, self.dim_factors)))
         self.init_std = init_std
+        self.conversion_error: float | None = None  # set by from_embedding (TT-SVD)
         self.reset_parameters()
+
+    @classmethod
+    def from_embedding(cls, weight: torch.Tensor, rank: int = 16, num_cores: int = 2, *,
+                       vocab_factors: tuple[int, ...] | None = None,
+                       dim_factors: tuple[int, ...] | None = None) -> HTTEmbedding:
+        """TT-SVD of an existing table `weight` `[V, D]` (e.g. a pretrained nn.Embedding's weight).
+
+        Each inner rank is `rank` or less where the unfolding is smaller. Sets `tt_ranks` to the
+        ranks used and `conversion_error` to ||W - E||_F / ||W||_F over the V real rows; the cores
+        take weight's dtype and device.
+        """
+        if weight.ndim != 2:
+            raise ValueError(f"HTTEmbedding.from_embedding: weight must be [V, D], got {tuple(weight.shape)}")
+        vocab_size, d_model = weight.shape
+        emb = cls(vocab_size, d_model, rank, num_cores, vocab_factors=vocab_factors, dim_factors=dim_factors)
+        cores, ranks, error = tt_svd(weight, emb.vocab_factors, emb.dim_factors, rank)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.get_default_dtype()
+        emb.cores = nn.ParameterList(nn.Parameter(c.to(device=weight.device, dtype=dtype)) for c in cores)
+        emb.tt_ranks = ranks
+        emb.conversion_error = error
+        return emb
 
     def reset_parameters(self) -> None:
         # An entry is a sum over prod(inner ranks) products of K independent core entries, so its

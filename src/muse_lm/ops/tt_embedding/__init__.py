@@ -1,7 +1,7 @@
 """Tensor-train (HTT) embedding lookup: `tt_embedding(ids, cores)` and `tt_reconstruct(cores)`.
 
-validate -> dispatch (`impl`) -> reference. No Triton kernel exists yet, so every device runs
-the pure-torch reference (`reference.py`).
+validate -> dispatch (`impl`) -> the fused Triton kernel (`triton.py`, CUDA by default, or CPU
+under TRITON_INTERPRET=1) or the pure-torch reference (`reference.py`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def tt_embedding(ids: Tensor, cores: Sequence[Tensor], *, impl: str | None = Non
             validates ids at the data boundary instead.
         cores: K = 2 or 3 tensors, cores[k] `(v_k, r_{k-1}, d_k, r_k)` with r_0 = r_K = 1. An id
             is written in mixed radix over (v_1..v_K), i_1 most significant.
-        impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`).
+        impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`). The Triton
+            backward adds core gradients with float atomics, so they may differ between runs in
+            the last bits; impl="torch" is deterministic.
 
     Returns:
         `[..., D]`, D = prod d_k, flattened in mixed radix over (d_1..d_K), d_1 most
@@ -97,8 +99,14 @@ def tt_embedding(ids: Tensor, cores: Sequence[Tensor], *, impl: str | None = Non
                 f"tt_embedding: ids span [{lo}, {hi}] but the TT table has {rows} rows "
                 f"(v={vocab_factors}); ids must be in [0, {rows})"
             )
-    resolve_impl("tt_embedding", impl, ids, *cores, has_triton_kernel=False)
-    return tt_embedding_ref(ids, cores)
+    if resolve_impl("tt_embedding", impl, ids, *cores, has_triton_kernel=True) == "torch":
+        return tt_embedding_ref(ids, cores)
+    # Imported here: Triton is optional on CPU, and the interpreter reads TRITON_INTERPRET when
+    # the kernels are defined.
+    from muse_lm.ops.tt_embedding.triton import TTEmbeddingTriton
+
+    out = TTEmbeddingTriton.apply(ids.reshape(-1), None, *cores)
+    return out.reshape(*ids.shape, out.shape[-1])
 
 
 def tt_reconstruct(cores: Sequence[Tensor], start: int = 0, stop: int | None = None) -> Tensor:

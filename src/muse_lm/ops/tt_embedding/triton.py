@@ -1,0 +1,638 @@
+"""Fused TT lookup: Triton kernels (K = 2 and 3 cores) and their launchers.
+
+Forward: each program takes BLOCK_N tokens, splits their ids into digits, gathers the core slices
+(the cores are tiny and stay in L1/L2) and contracts them in fp32 (K = 2: one batched tl.dot;
+K = 3: rank-1 updates in registers), writing only the `[N, D]` rows.
+
+Backward, K = 2 ("sorted", the default): for each core, the tokens are stably sorted by that
+core's digit on the device, and one program per (digit value, chunk) sums the tokens' slice
+gradients with tl.dot into fp32 registers; chunk partials are added in a fixed order, so the
+result is deterministic and uses no atomics. Backward, K = 3 ("atomic"): each program reads
+`grad_out` once per token and adds the core-slice gradients into fp32 buffers with atomics;
+float atomics add in whatever order the programs arrive, so those gradients can differ between
+runs in the last bits. Nothing of size V x D is formed and nothing waits on the host.
+
+Notation as in `reference.py`: cores[k] `(v_k, r_{k-1}, d_k, r_k)`, contiguous; id digits in mixed
+radix over (v_1..v_K), output columns over (d_1..d_K), most significant first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from muse_lm.ops._dispatch import interpreter_enabled
+
+
+@dataclass(frozen=True)
+class TTLookupConfig:
+    """Launch shape: tokens per program and warps per program."""
+
+    block_n: int
+    num_warps: int
+
+    def __post_init__(self):
+        if self.block_n < 1 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"TTLookupConfig: block_n={self.block_n} must be a power of two")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"TTLookupConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+
+
+# Every declared config is checked against the reference (interpreter tests and GPU tests).
+CONFIGS = (TTLookupConfig(1, 4), TTLookupConfig(2, 4), TTLookupConfig(4, 4), TTLookupConfig(8, 8))
+
+
+def default_config(row_tile: int) -> TTLookupConfig:
+    """~4K fp32 accumulators per program: enough loads in flight without spilling."""
+    block_n = max(1, min(8, 4096 // row_tile))
+    return TTLookupConfig(block_n, 8 if block_n * row_tile >= 4096 else 4)
+
+
+@triton.jit
+def _tt2_fwd_kernel(
+    ids_ptr,
+    g1_ptr,
+    g2_ptr,
+    out_ptr,
+    N,
+    V2,
+    D1,
+    D2,
+    R,
+    BLOCK_N: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+    BR: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Each token's whole slices, loaded contiguously, contracted by one batched tl.dot:
+    [BLOCK_N, d1, r] @ [BLOCK_N, r, d2] (sizes padded to >= 16 with zeros)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    ids = tl.load(ids_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    a = tl.arange(0, BD1)
+    c = tl.arange(0, BD2)
+    r = tl.arange(0, BR)
+    base1 = ((ids // V2) * D1 * R)[:, None, None]
+    base2 = ((ids % V2) * R * D2)[:, None, None]
+    x = tl.load(
+        g1_ptr + base1 + (a * R)[None, :, None] + r[None, None, :],
+        mask=n_ok[:, None, None] & (a < D1)[None, :, None] & (r < R)[None, None, :],
+        other=0.0,
+    )
+    y = tl.load(
+        g2_ptr + base2 + (r * D2)[None, :, None] + c[None, None, :],
+        mask=n_ok[:, None, None] & (r < R)[None, :, None] & (c < D2)[None, None, :],
+        other=0.0,
+    )
+    if IEEE:
+        acc = tl.dot(x, y, input_precision="ieee")
+    else:
+        acc = tl.dot(x, y)
+    offs = (n.to(tl.int64) * D1 * D2)[:, None, None] + (a * D2)[None, :, None] + c[None, None, :]
+    mask = n_ok[:, None, None] & (a < D1)[None, :, None] & (c < D2)[None, None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tt2_bwd_kernel(
+    ids_ptr,
+    g1_ptr,
+    g2_ptr,
+    dout_ptr,
+    dg1_ptr,
+    dg2_ptr,
+    N,
+    V2,
+    D1,
+    D2,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    ids = tl.load(ids_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    a = tl.arange(0, BD1)
+    c = tl.arange(0, BD2)
+    m1 = n_ok[:, None] & (a < D1)[None, :]
+    m2 = n_ok[:, None] & (c < D2)[None, :]
+    off1 = ((ids // V2) * D1 * R)[:, None] + (a * R)[None, :]
+    off2 = ((ids % V2) * R * D2)[:, None] + c[None, :]
+    offs = (n.to(tl.int64) * D1 * D2)[:, None, None] + (a * D2)[None, :, None] + c[None, None, :]
+    g = tl.load(dout_ptr + offs, mask=m1[:, :, None] & m2[:, None, :], other=0.0).to(tl.float32)
+    for r in tl.static_range(R):
+        x = tl.load(g1_ptr + off1 + r, mask=m1, other=0.0).to(tl.float32)
+        y = tl.load(g2_ptr + off2 + r * D2, mask=m2, other=0.0).to(tl.float32)
+        tl.atomic_add(dg1_ptr + off1 + r, tl.sum(g * y[:, None, :], axis=2), mask=m1, sem="relaxed")
+        tl.atomic_add(dg2_ptr + off2 + r * D2, tl.sum(g * x[:, :, None], axis=1), mask=m2, sem="relaxed")
+
+
+@triton.jit
+def _tt3_prefix(
+    p1,
+    p2,
+    m1,
+    m2,
+    r2,
+    D2,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+):
+    """sum_r1 G1[i1, 0, a, r1] G2[i2, r1, b, r2] for one r2: `[BLOCK_N, BD1, BD2]` fp32."""
+    pm = tl.zeros([BLOCK_N, BD1, BD2], dtype=tl.float32)
+    for r1 in tl.static_range(R1):
+        x = tl.load(p1 + r1, mask=m1, other=0.0).to(tl.float32)
+        y = tl.load(p2 + r1 * D2 * R2 + r2, mask=m2, other=0.0).to(tl.float32)
+        pm += x[:, :, None] * y[:, None, :]
+    return pm
+
+
+@triton.jit
+def _tt3_fwd_kernel(
+    ids_ptr,
+    g1_ptr,
+    g2_ptr,
+    g3_ptr,
+    out_ptr,
+    N,
+    V2,
+    V3,
+    D1,
+    D2,
+    D3,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+    BD3: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    ids = tl.load(ids_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    a = tl.arange(0, BD1)
+    b = tl.arange(0, BD2)
+    c = tl.arange(0, BD3)
+    p = tl.arange(0, BD1 * BD2)  # prefix column (a, b) flattened, a major (BD2 a power of two)
+    m1 = n_ok[:, None] & (a < D1)[None, :]
+    m2 = n_ok[:, None] & (b < D2)[None, :]
+    m3 = n_ok[:, None] & (c < D3)[None, :]
+    mp = n_ok[:, None] & ((p // BD2) < D1)[None, :] & ((p % BD2) < D2)[None, :]
+    p1 = g1_ptr + ((ids // (V2 * V3)) * D1 * R1)[:, None] + (a * R1)[None, :]
+    p2 = g2_ptr + (((ids // V3) % V2) * R1 * D2 * R2)[:, None] + (b * R2)[None, :]
+    p3 = g3_ptr + ((ids % V3) * R2 * D3)[:, None] + c[None, :]
+    acc = tl.zeros([BLOCK_N, BD1 * BD2, BD3], dtype=tl.float32)
+    for r2 in tl.range(R2):  # not unrolled: R1 * R2 bodies would slow compilation
+        pm = _tt3_prefix(p1, p2, m1, m2, r2, D2, R1, R2, BLOCK_N, BD1, BD2)
+        z = tl.load(p3 + r2 * D3, mask=m3, other=0.0).to(tl.float32)
+        acc += tl.reshape(pm, [BLOCK_N, BD1 * BD2])[:, :, None] * z[:, None, :]
+    col = ((p // BD2) * D2 + p % BD2) * D3
+    offs = (n.to(tl.int64) * D1 * D2 * D3)[:, None, None] + col[None, :, None] + c[None, None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mp[:, :, None] & m3[:, None, :])
+
+
+@triton.jit
+def _tt3_bwd_kernel(
+    ids_ptr,
+    g1_ptr,
+    g2_ptr,
+    g3_ptr,
+    dout_ptr,
+    dg1_ptr,
+    dg2_ptr,
+    dg3_ptr,
+    N,
+    V2,
+    V3,
+    D1,
+    D2,
+    D3,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+    BD3: tl.constexpr,
+    BR1: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    ids = tl.load(ids_ptr + n, mask=n_ok, other=0).to(tl.int64)
+    a = tl.arange(0, BD1)
+    b = tl.arange(0, BD2)
+    c = tl.arange(0, BD3)
+    p = tl.arange(0, BD1 * BD2)
+    q = tl.arange(0, BR1)
+    m1 = n_ok[:, None] & (a < D1)[None, :]
+    m2 = n_ok[:, None] & (b < D2)[None, :]
+    m3 = n_ok[:, None] & (c < D3)[None, :]
+    mp = n_ok[:, None] & ((p // BD2) < D1)[None, :] & ((p % BD2) < D2)[None, :]
+    off1 = ((ids // (V2 * V3)) * D1 * R1)[:, None] + (a * R1)[None, :]
+    off2 = (((ids // V3) % V2) * R1 * D2 * R2)[:, None] + (b * R2)[None, :]
+    off3 = ((ids % V3) * R2 * D3)[:, None] + c[None, :]
+    col = ((p // BD2) * D2 + p % BD2) * D3
+    offs = (n.to(tl.int64) * D1 * D2 * D3)[:, None, None] + col[None, :, None] + c[None, None, :]
+    g = tl.load(dout_ptr + offs, mask=mp[:, :, None] & m3[:, None, :], other=0.0).to(tl.float32)
+    # dG1 for every r1 stays in registers across the r2 loop (one atomic per entry at the end).
+    acc1 = tl.zeros([BLOCK_N, BD1, BR1], dtype=tl.float32)
+    for r2 in tl.range(R2):  # not unrolled: R1 * R2 bodies would slow compilation
+        pm = _tt3_prefix(g1_ptr + off1, g2_ptr + off2, m1, m2, r2, D2, R1, R2, BLOCK_N, BD1, BD2)
+        z = tl.load(g3_ptr + off3 + r2 * D3, mask=m3, other=0.0).to(tl.float32)
+        pm_flat = tl.reshape(pm, [BLOCK_N, BD1 * BD2])
+        tl.atomic_add(dg3_ptr + off3 + r2 * D3, tl.sum(g * pm_flat[:, :, None], axis=1), mask=m3, sem="relaxed")
+        dpm = tl.reshape(tl.sum(g * z[:, None, :], axis=2), [BLOCK_N, BD1, BD2])
+        for r1 in tl.static_range(R1):
+            x = tl.load(g1_ptr + off1 + r1, mask=m1, other=0.0).to(tl.float32)
+            y = tl.load(g2_ptr + off2 + r1 * D2 * R2 + r2, mask=m2, other=0.0).to(tl.float32)
+            dy = tl.sum(dpm * x[:, :, None], axis=1)
+            tl.atomic_add(dg2_ptr + off2 + r1 * D2 * R2 + r2, dy, mask=m2, sem="relaxed")
+            dx = tl.sum(dpm * y[:, None, :], axis=2)
+            acc1 += dx[:, :, None] * (q == r1).to(tl.float32)[None, None, :]
+    m1q = m1[:, :, None] & (q < R1)[None, None, :]
+    tl.atomic_add(dg1_ptr + off1[:, :, None] + q[None, None, :], acc1, mask=m1q, sem="relaxed")
+
+
+@triton.jit
+def _segment_dot_step(
+    acc,
+    pos,
+    order_ptr,
+    ids_ptr,
+    x_ptr,
+    y_ptr,
+    m,
+    k,
+    p,
+    V2,
+    ROW,
+    SLICE,
+    M,
+    K,
+    P,
+    xs_m: tl.constexpr,
+    xs_k: tl.constexpr,
+    ys_k: tl.constexpr,
+    ys_p: tl.constexpr,
+    CORE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """acc + X_t @ Y_t for the token at sorted position `pos` (scalar bases: vectorized loads)."""
+    tok = tl.load(order_ptr + pos).to(tl.int64)
+    tid = tl.load(ids_ptr + tok).to(tl.int64)
+    if CORE == 0:  # dG1: X = grad_out row [a, c], Y = G2[i2] viewed [c, r]
+        xb = tok * ROW
+        yb = (tid % V2) * SLICE
+    else:  # dG2: X = G1[i1] viewed [r, a], Y = grad_out row [a, c]
+        xb = (tid // V2) * SLICE
+        yb = tok * ROW
+    x = tl.load(x_ptr + xb + m[:, None] * xs_m + k[None, :] * xs_k, mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
+    y = tl.load(y_ptr + yb + k[:, None] * ys_k + p[None, :] * ys_p, mask=(k < K)[:, None] & (p < P)[None, :], other=0.0)
+    if IEEE:
+        return acc + tl.dot(x, y, input_precision="ieee")
+    return acc + tl.dot(x, y)
+
+
+@triton.jit
+def _segment_dot_kernel(
+    order_ptr,
+    ids_ptr,
+    seg_ptr,
+    x_ptr,
+    y_ptr,
+    out_ptr,
+    V,
+    V2,
+    ROW,
+    SLICE,
+    M,
+    K,
+    P,
+    SPLIT,
+    xs_m: tl.constexpr,
+    xs_k: tl.constexpr,
+    ys_k: tl.constexpr,
+    ys_p: tl.constexpr,
+    CORE: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BP: tl.constexpr,
+    IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+):
+    """out[part, seg] = sum over the tokens of chunk `part` of segment `seg` of X_t @ Y_t (`[M, P]`).
+
+    Tokens come in digit order (`order_ptr`, segment offsets `seg_ptr`: V + 1 of them); CORE picks
+    which core's gradient this is (see `_segment_dot_step`).
+    """
+    seg = tl.program_id(0)
+    part = tl.program_id(1)
+    start = tl.load(seg_ptr + seg)
+    end = tl.load(seg_ptr + seg + 1)
+    # At least MIN_CHUNK tokens per program: a frequent digit gets all SPLIT programs, a rare one
+    # a few (the rest store zeros).
+    chunk = tl.maximum((end - start + SPLIT - 1) // SPLIT, MIN_CHUNK)
+    lo = start + part * chunk
+    hi = tl.minimum(lo + chunk, end)
+    m = tl.arange(0, BM)
+    k = tl.arange(0, BK)
+    p = tl.arange(0, BP)
+    acc = tl.zeros([BM, BP], dtype=tl.float32)
+    if INTERPRET:  # Triton 3.6's interpreter cannot take loaded bounds in range()
+        pos = lo
+        while pos < hi:
+            acc = _segment_dot_step(
+                acc,
+                pos,
+                order_ptr,
+                ids_ptr,
+                x_ptr,
+                y_ptr,
+                m,
+                k,
+                p,
+                V2,
+                ROW,
+                SLICE,
+                M,
+                K,
+                P,
+                xs_m,
+                xs_k,
+                ys_k,
+                ys_p,
+                CORE,
+                IEEE,
+            )
+            pos += 1
+    else:
+        for pos in tl.range(lo, hi, num_stages=3):
+            acc = _segment_dot_step(
+                acc,
+                pos,
+                order_ptr,
+                ids_ptr,
+                x_ptr,
+                y_ptr,
+                m,
+                k,
+                p,
+                V2,
+                ROW,
+                SLICE,
+                M,
+                K,
+                P,
+                xs_m,
+                xs_k,
+                ys_k,
+                ys_p,
+                CORE,
+                IEEE,
+            )
+    offs = ((part * V + seg) * M).to(tl.int64) * P + m[:, None] * P + p[None, :]
+    tl.store(out_ptr + offs, acc, mask=(m < M)[:, None] & (p < P)[None, :])
+
+
+def _segment_dot(
+    core: int,
+    digit: Tensor,
+    v: int,
+    ids: Tensor,
+    x: Tensor,
+    y: Tensor,
+    v2: int,
+    row: int,
+    slice_size: int,
+    mkp: tuple[int, int, int],
+    xs: tuple[int, int],
+    ys: tuple[int, int],
+) -> Tensor:
+    """Sum of X_t @ Y_t over the tokens of each digit value: `[v, M, P]` fp32, deterministic.
+
+    Tokens are stably sorted by digit (on the device: no host sync); each segment is cut into
+    SPLIT chunks whose partial sums go to separate slots, added in a fixed order at the end.
+    """
+    m, k, p = mkp
+    n = digit.shape[0]
+    # Narrow keys: the radix sort makes one pass per key byte (int16: 2 passes instead of 8).
+    key_dtype = torch.int16 if v <= torch.iinfo(torch.int16).max else torch.int32
+    sorted_digit, order = torch.sort(digit.to(key_dtype), stable=True)
+    seg = torch.searchsorted(sorted_digit, torch.arange(v + 1, device=digit.device, dtype=key_dtype))
+    # Up to 4x the chunks that even segments of >= 16 tokens need: skewed ids (text is Zipfian, so
+    # a few digits own most tokens) spread over more programs; see bench_htt.py's Zipf case.
+    split = max(1, min(64, 4 * triton.cdiv(n, v * 16)))
+    partial = torch.empty(split, v, m, p, device=digit.device, dtype=torch.float32)
+    _segment_dot_kernel[(v, split)](
+        order,
+        ids,
+        seg,
+        x,
+        y,
+        partial,
+        v,
+        v2,
+        row,
+        slice_size,
+        m,
+        k,
+        p,
+        split,
+        *xs,
+        *ys,
+        CORE=core,
+        BM=max(16, _pow2(m)),
+        BK=max(16, _pow2(k)),
+        BP=max(16, _pow2(p)),
+        IEEE=x.dtype == torch.float32,
+        INTERPRET=interpreter_enabled(),
+        MIN_CHUNK=16,
+        num_warps=4,
+    )
+    return partial.sum(0) if split > 1 else partial[0]
+
+
+def _tt2_backward_sorted(ids: Tensor, cores: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    """K = 2 core gradients without atomics: dG1[i] = sum_t g_t G2[i2_t]^T, dG2[j] = sum_t G1[i1_t]^T g_t."""
+    (v1, _, d1, r), (v2, _, d2, _) = cores[0].shape, cores[1].shape
+    row = d1 * d2
+    # g_t viewed [a, c] @ G2[i2_t] viewed [c, r] -> [a, r] = dG1[i1_t, 0]
+    dg1 = _segment_dot(0, ids // v2, v1, ids, grad_out, cores[1], v2, row, r * d2, (d1, d2, r), (d2, 1), (1, d2))
+    # G1[i1_t] viewed [r, a] @ g_t viewed [a, c] -> [r, c] = dG2[i2_t, :, :, 0]
+    dg2 = _segment_dot(1, ids % v2, v2, ids, cores[0], grad_out, v2, row, d1 * r, (r, d1, d2), (1, r), (d2, 1))
+    return [dg1.reshape(cores[0].shape), dg2.reshape(cores[1].shape)]
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(x)
+
+
+def _dims(cores: list[Tensor]) -> tuple[list[int], list[int], list[int]]:
+    return [c.shape[0] for c in cores], [c.shape[2] for c in cores], [c.shape[3] for c in cores[:-1]]
+
+
+def _row_tile(cores: list[Tensor]) -> int:
+    return _pow2(cores[0].shape[2]) * _pow2(cores[1].shape[2]) * (_pow2(cores[2].shape[2]) if len(cores) == 3 else 1)
+
+
+def tt_lookup_forward(
+    ids: Tensor, cores: list[Tensor], config: TTLookupConfig | None = None, *, out: Tensor | None = None
+) -> Tensor:
+    """Rows `ids` (`[N]` int) of the TT table: `[N, D]` in the cores' dtype (fp32 accumulation).
+
+    `out` (contiguous `[N, D]`, the cores' dtype) is written in place when given (tests poison it).
+    """
+    cores = [c.contiguous() for c in cores]
+    v, d, r = _dims(cores)
+    n = ids.shape[0]
+    shape = (n, _prod(d))
+    if out is None:
+        out = torch.empty(shape, device=cores[0].device, dtype=cores[0].dtype)
+    elif out.shape != shape or out.dtype != cores[0].dtype or not out.is_contiguous():
+        raise ValueError(
+            f"tt_lookup_forward: out must be contiguous {shape} {cores[0].dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
+    if n == 0:
+        return out
+    cfg = config or default_config(_row_tile(cores))
+    grid = (triton.cdiv(n, cfg.block_n),)
+    if len(cores) == 2:
+        _tt2_fwd_kernel[grid](
+            ids,
+            cores[0],
+            cores[1],
+            out,
+            n,
+            v[1],
+            d[0],
+            d[1],
+            r[0],
+            BLOCK_N=cfg.block_n,
+            BD1=max(16, _pow2(d[0])),
+            BD2=max(16, _pow2(d[1])),
+            BR=max(16, _pow2(r[0])),
+            IEEE=out.dtype == torch.float32,
+            num_warps=cfg.num_warps,
+        )
+    else:
+        _tt3_fwd_kernel[grid](
+            ids,
+            *cores,
+            out,
+            n,
+            v[1],
+            v[2],
+            d[0],
+            d[1],
+            d[2],
+            R1=r[0],
+            R2=r[1],
+            BLOCK_N=cfg.block_n,
+            BD1=_pow2(d[0]),
+            BD2=_pow2(d[1]),
+            BD3=_pow2(d[2]),
+            num_warps=cfg.num_warps,
+        )
+    return out
+
+
+def tt_lookup_backward(
+    ids: Tensor,
+    cores: list[Tensor],
+    grad_out: Tensor,
+    config: TTLookupConfig | None = None,
+    *,
+    method: str | None = None,
+) -> list[Tensor]:
+    """Core gradients of `sum(grad_out * tt_lookup_forward(ids, cores))`, in the cores' dtype.
+
+    method: "sorted" (K = 2 default): tokens sorted by each digit, per-segment tl.dot sums with
+    fp32 accumulation, deterministic and atomic-free; "atomic" (K = 3 default, K = 2 allowed):
+    fp32 atomics per token, order-dependent in the last bits (see the module docstring).
+    """
+    cores = [c.contiguous() for c in cores]
+    grad_out = grad_out.contiguous()
+    v, d, r = _dims(cores)
+    n = ids.shape[0]
+    method = method or ("sorted" if len(cores) == 2 else "atomic")
+    if method not in ("sorted", "atomic") or (method == "sorted" and len(cores) != 2):
+        raise ValueError(f"tt_lookup_backward: method={method!r}; use 'atomic', or 'sorted' (K = 2 only)")
+    if method == "sorted" and n > 0:  # `config` shapes only the forward and the atomic backward
+        grads = _tt2_backward_sorted(ids, cores, grad_out.to(cores[0].dtype))
+        return [gr.to(c.dtype) for gr, c in zip(grads, cores)]
+    grads = [torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in cores]
+    if n > 0:
+        cfg = config or default_config(_row_tile(cores))
+        grid = (triton.cdiv(n, cfg.block_n),)
+        if len(cores) == 2:
+            _tt2_bwd_kernel[grid](
+                ids,
+                cores[0],
+                cores[1],
+                grad_out,
+                *grads,
+                n,
+                v[1],
+                d[0],
+                d[1],
+                R=r[0],
+                BLOCK_N=cfg.block_n,
+                BD1=_pow2(d[0]),
+                BD2=_pow2(d[1]),
+                num_warps=cfg.num_warps,
+            )
+        else:
+            _tt3_bwd_kernel[grid](
+                ids,
+                *cores,
+                grad_out,
+                *grads,
+                n,
+                v[1],
+                v[2],
+                d[0],
+                d[1],
+                d[2],
+                R1=r[0],
+                R2=r[1],
+                BLOCK_N=cfg.block_n,
+                BD1=_pow2(d[0]),
+                BD2=_pow2(d[1]),
+                BD3=_pow2(d[2]),
+                BR1=_pow2(r[0]),
+                num_warps=cfg.num_warps,
+            )
+    return [gr.to(c.dtype) for gr, c in zip(grads, cores)]
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+class TTEmbeddingTriton(torch.autograd.Function):
+    """`out = tt_lookup_forward(ids, cores)` with the atomic backward; ids get no gradient."""
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, config: TTLookupConfig | None, *cores: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, *cores)
+        ctx.config = config
+        return tt_lookup_forward(ids, list(cores), config)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        ids, *cores = ctx.saved_tensors
+        if not any(ctx.needs_input_grad[2:]):
+            return (None, None, *([None] * len(cores)))
+        return (None, None, *tt_lookup_backward(ids, cores, grad_out, ctx.config))

@@ -1,0 +1,144 @@
+"""The fused TT lookup kernel (forward and atomic backward) vs the torch reference, through
+Triton's interpreter, in fp32, for every declared config.
+
+Triton reads TRITON_INTERPRET when its kernels are defined, so the interpreter tests run in a
+child pytest process started with TRITON_INTERPRET=1 (`test_interpreter_suite`); in this process
+they are skipped.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from muse_lm.ops import tt_embedding
+from muse_lm.ops._dispatch import interpreter_enabled
+
+pytest.importorskip("triton")
+
+interp = pytest.mark.skipif(not interpreter_enabled(), reason="runs in the TRITON_INTERPRET=1 child process")
+
+# (vocab factors, dim factors, inner ranks): odd sizes, size-1 factors, rank 1, K = 2 and 3.
+SHAPES = [
+    ((7, 5), (3, 5), (4,)),
+    ((5, 3), (1, 1), (1,)),
+    ((3, 4, 5), (3, 2, 5), (3, 4)),
+    ((2, 3, 2), (1, 3, 1), (1, 2)),
+]
+
+
+def _cores(v, d, r, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = (1, *r, 1)
+    return [torch.randn(v[k], ranks[k], d[k], ranks[k + 1], generator=gen).requires_grad_() for k in range(len(v))]
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="this is the parent of the interpreter run")
+def test_interpreter_suite():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@interp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"v{s[0]}d{s[1]}r{s[2]}")
+def test_every_config_matches_reference_forward_and_backward(shape):
+    from muse_lm.ops.tt_embedding.triton import CONFIGS, tt_lookup_backward, tt_lookup_forward
+
+    v, d, r = shape
+    cores = _cores(v, d, r, seed=len(SHAPES) + sum(v))
+    rows = torch.tensor(v).prod().item()
+    for n in (1, 13):
+        ids = torch.randint(0, rows, (n,), generator=torch.Generator().manual_seed(n))
+        ref = tt_embedding(ids, cores, impl="torch")
+        grad = torch.randn_like(ref)
+        ref_grads = torch.autograd.grad(ref, cores, grad)
+        plain = [c.detach() for c in cores]
+        methods = ("sorted", "atomic") if len(v) == 2 else ("atomic",)
+        for cfg in CONFIGS:
+            out = tt_lookup_forward(ids, plain, cfg)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"{cfg} N={n}")
+            for method in methods:
+                for got, want in zip(tt_lookup_backward(ids, plain, grad, cfg, method=method), ref_grads):
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{cfg} {method} N={n}")
+
+
+@interp
+@pytest.mark.parametrize("K", [2, 3])
+def test_public_op_with_impl_triton_matches_reference_including_repeated_ids(K):
+    v, d, r = SHAPES[0] if K == 2 else SHAPES[2]
+    cores = _cores(v, d, r, seed=7)
+    rows = torch.tensor(v).prod().item()
+    # Repeated ids make many atomics land on the same core entries.
+    ids = torch.tensor([[0, rows - 1, 3, 3, 3], [rows - 1, 1, 0, 2, 3]])
+    out = tt_embedding(ids, cores, impl="triton")
+    ref = tt_embedding(ids, cores, impl="torch")
+    assert out.shape == ref.shape == (2, 5, torch.tensor(d).prod().item())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, cores, grad), torch.autograd.grad(ref, cores, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@interp
+def test_empty_ids_give_empty_rows_and_zero_gradients():
+    cores = _cores(*SHAPES[0], seed=3)
+    out = tt_embedding(torch.zeros(0, 4, dtype=torch.long), cores, impl="triton")
+    assert out.shape == (0, 4, 15)
+    grads = torch.autograd.grad(out.sum(), cores)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="checks the non-interpreter dispatch")
+def test_cpu_dispatch_uses_reference_and_refuses_triton_without_interpreter():
+    cores = _cores(*SHAPES[0], seed=1)
+    ids = torch.tensor([0, 5, 34])
+    torch.testing.assert_close(tt_embedding(ids, cores), tt_embedding(ids, cores, impl="torch"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        tt_embedding(ids, cores, impl="triton")
+
+
+@interp
+def test_sorted_backward_is_refused_for_three_cores():
+    from muse_lm.ops.tt_embedding.triton import tt_lookup_backward
+
+    cores = [c.detach() for c in _cores(*SHAPES[2], seed=2)]
+    ids = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="K = 2 only"):
+        tt_lookup_backward(ids, cores, torch.zeros(2, 30), method="sorted")
+
+
+def test_config_validation():
+    from muse_lm.ops.tt_embedding.triton import TTLookupConfig
+
+    with pytest.raises(ValueError, match="power of two"):
+        TTLookupConfig(3, 4)
+    with pytest.raises(ValueError, match="num_warps"):
+        TTLookupConfig(4, 3)
+
+
+@interp
+def test_sorted_backward_splits_a_frequent_digit_over_programs():
+    from muse_lm.ops.tt_embedding.triton import tt_lookup_backward
+
+    cores = _cores(*SHAPES[0], seed=5)
+    gen = torch.Generator().manual_seed(5)
+    # 150 tokens share the first digit 0 (several chunks of >= 16 tokens), the rest are spread out.
+    ids = torch.cat([torch.randint(0, 5, (150,), generator=gen), torch.randint(0, 35, (40,), generator=gen)])
+    ref = tt_embedding(ids, cores, impl="torch")
+    grad = torch.randn_like(ref)
+    got = tt_lookup_backward(ids, [c.detach() for c in cores], grad, method="sorted")
+    for g, want in zip(got, torch.autograd.grad(ref, cores, grad)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
