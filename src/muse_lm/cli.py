@@ -67,6 +67,9 @@ def _add_train(sub) -> None:
                    help="continue the run in --out from its latest checkpoint")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MuseConfig/TrainConfig field, e.g. --set d_model=64 (repeatable)")
+    p.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="KIND@STEP",
+                   help="inject a fault to test recovery (repeatable): nan_loss, inf_grad, loss_spike, "
+                        "bad_layer, crash or crash_in_save, e.g. nan_loss@50 (see docs/stability.md)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
     _common_device(p)
     p.set_defaults(func=cmd_train)
@@ -126,12 +129,18 @@ def _version() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from muse_lm.training.distributed import env_dist_info
     from muse_lm.training.options import RunOptions, parse_set_args
+    from muse_lm.training.recovery import TrainingStopped
     from muse_lm.training.run import train
 
     options = RunOptions(preset=args.preset, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
                          stop_at=args.stop_at, out=args.out, seed=args.seed, resume=args.resume,
-                         overrides=parse_set_args(args.sets), device=args.device, progress=args.progress)
-    result = train(options)
+                         overrides=parse_set_args(args.sets), device=args.device, progress=args.progress,
+                         faults=args.faults)
+    try:
+        result = train(options)
+    except TrainingStopped as err:
+        print(f"muse: training stopped: {err}", file=sys.stderr)
+        return 3
     if env_dist_info().is_main:
         _print_train_summary(result)
     return 0

@@ -61,3 +61,14 @@ def test_running_gate_statistics_track_the_gates():
     layer.train()(torch.randn(2, 5, 8))
     torch.testing.assert_close(layer.gate_mean, torch.tensor([1.0, 1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
     assert float(layer.effective_rank()) == pytest.approx(3.0, abs=1e-5)
+
+
+def test_state_norm_tracking_reports_the_final_state_rms():
+    torch.manual_seed(0)
+    layer = AdaptiveRankSemiseparableLayer(8, max_rank=4, min_rank=1, num_heads=2).eval()
+    x = torch.randn(2, 9, 8)
+    _, _, state = layer(x, return_state=True)
+    assert layer.last_state_rms is None  # off by default: no extra output
+    layer.track_state_norm = True
+    layer(x)
+    torch.testing.assert_close(layer.last_state_rms, state.ssm.pow(2).mean().sqrt())

@@ -70,6 +70,10 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H))
         self.gate_bias = nn.Parameter(torch.empty(R))
         self.register_buffer("gate_mean", torch.ones(R))
+        # Set by a stability monitor on its statistics steps: the scan then also returns its final
+        # state and the layer keeps that state's RMS (detached, on the device) in `last_state_rms`.
+        self.track_state_norm = False
+        self.last_state_rms: torch.Tensor | None = None
         self.init_std = init_std
         self.out_init_std = out_init_std if out_init_std is not None else init_std
         self.reset_parameters()
@@ -130,8 +134,11 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
             y = y.unsqueeze(1)
         else:
             y, ssm = semiseparable_scan(vals, u, v, log_a, initial_state=prev,
-                                        output_final_state=return_state or state is not None,
+                                        output_final_state=return_state or state is not None
+                                        or self.track_state_norm,
                                         chunk_size=self.chunk_size)
+        if self.track_state_norm:
+            self.last_state_rms = ssm.detach().float().pow(2).mean().sqrt()
         y = self.out_norm(y.to(x.dtype)).reshape(B, T, self.d_inner) * F.silu(self.z_proj(x))
         prob = torch.sigmoid(gate_logits[..., self.min_rank:])
         penalty = self.gate_l1 * prob.sum(-1).mean() if prob.numel() else gate_logits.new_zeros(())

@@ -35,6 +35,7 @@ class RunOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # MuseConfig/TrainConfig fields
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # progress bar / log lines on stderr
+    faults: list[str] = field(default_factory=list)  # --inject-fault KIND@STEP (testing the recovery ladder)
 
     def __post_init__(self) -> None:
         for name in ("steps", "stop_at"):
@@ -52,6 +53,10 @@ class RunOptions:
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
             raise ConfigError(f"--tokenizer {self.tokenizer}: no such file; pass a tokenizer.json "
                               "(e.g. one saved in a run's checkpoint) or leave it out to train one")
+        from muse_lm.training.faults import parse_fault
+
+        for spec in self.faults:
+            parse_fault(spec)
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r} is invalid: use cpu, cuda or cuda:N")
 
@@ -111,8 +116,17 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _coerce(cls_name: str, key: str, current: Any, value: Any) -> Any:
+def _nullable(cls: type, key: str) -> bool:
+    """Whether dataclass field `key` of `cls` is annotated to accept None."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    return "None" in str(kind) or "Optional" in str(kind)
+
+
+def _coerce(cls_name: str, key: str, current: Any, value: Any, nullable: bool = True) -> Any:
     """Casts an override to the field's type (int -> float is fine, 2.5 -> int is not)."""
+    if value is None and not nullable and current is not None:
+        raise ConfigError(f"--set {key}=none: {cls_name}.{key} cannot be None; give a "
+                          f"{type(current).__name__} (now {current!r})")
     if current is None or value is None:
         return value
     kind = type(current)
@@ -136,9 +150,9 @@ def apply_overrides(model: MuseConfig, train: TrainConfig, overrides: dict[str, 
     m_kw, t_kw = {}, {}
     for key, value in overrides.items():
         if key in model_fields and key not in _NOT_SETTABLE:
-            m_kw[key] = _coerce("MuseConfig", key, getattr(model, key), value)
+            m_kw[key] = _coerce("MuseConfig", key, getattr(model, key), value, _nullable(MuseConfig, key))
         elif key in train_fields:
-            t_kw[key] = _coerce("TrainConfig", key, getattr(train, key), value)
+            t_kw[key] = _coerce("TrainConfig", key, getattr(train, key), value, _nullable(TrainConfig, key))
         else:
             raise ConfigError(f"--set {key}: unknown key; valid keys are {', '.join(settable_keys())}")
     return dataclasses.replace(model, **m_kw), dataclasses.replace(train, **t_kw)

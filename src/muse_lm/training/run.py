@@ -21,12 +21,14 @@ from muse_lm.io import list_checkpoints
 from muse_lm.models import MuseConfig, MuseLM
 from muse_lm.presets import get_preset, resolve_preset_name
 from muse_lm.training import distributed
-from muse_lm.training.checkpoint import Checkpoint, load_checkpoint
+from muse_lm.training.checkpoint import Checkpoint
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import Corpus, TokenizedCorpus, load_corpus, tokenize_corpus
 from muse_lm.training.distributed import DistInfo
+from muse_lm.training.faults import FaultPlan
 from muse_lm.training.metrics import METRICS_FILE
 from muse_lm.training.options import RunOptions, RunResult, apply_overrides
+from muse_lm.training.recovery import load_last_good_checkpoint
 from muse_lm.training.rng import seed_everything
 from muse_lm.training.tokenizer import get_tokenizer, load_tokenizer
 from muse_lm.training.trainer import Trainer
@@ -133,7 +135,8 @@ def _plan_resume(options: RunOptions) -> RunPlan:
     if not _has_checkpoints(run_dir):
         raise ConfigError(f"--resume: {run_dir} has no checkpoints to continue; leave out --resume to start "
                           "a new run there, or pass the --out of an existing run")
-    ckpt = load_checkpoint(run_dir, map_location="cpu")
+    # A damaged newest checkpoint (truncated or corrupted file) falls back to the previous one.
+    ckpt = load_last_good_checkpoint(run_dir, map_location="cpu")
     config, state = ckpt.config, ckpt.train_state
     if state is None or not {"model", "train", "preset", "run"} <= set(config):
         raise CheckpointError(f"{ckpt.path} was not written by `muse train` (no training state); it can be "
@@ -252,7 +255,8 @@ def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info
         _move_stale_metrics(plan.run_dir)
     trainer = Trainer(model, plan.train, train_tokens=tokens.train, heldout_tokens=tokens.heldout,
                       run_dir=plan.run_dir, tokenizer_json=tokenizer.to_str(), run_config=run_config,
-                      seed=plan.seed, device=device, dist_info=info, progress=options.progress)
+                      seed=plan.seed, device=device, dist_info=info, progress=options.progress,
+                      faults=FaultPlan.parse(options.faults))
     if resumed is not None:
         trainer.load_state(resumed)
     _log_start(plan, trainer, corpus, tokens, info)

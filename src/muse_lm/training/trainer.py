@@ -21,15 +21,32 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from muse_lm.errors import CheckpointError
+from muse_lm.io import list_checkpoints
 from muse_lm.training.checkpoint import Checkpoint, save_checkpoint
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import PackedBatches, heldout_batches
 from muse_lm.training.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from muse_lm.training.evaluate import EvalResult, autocast_context, evaluate_loss, validate_token_ids
+from muse_lm.training.faults import FaultPlan
 from muse_lm.training.metrics import PLOT_FILE, MetricsWriter, Progress, memory_gib, plot_loss
 from muse_lm.training.optim import WarmupCosine, build_optimizer, build_scheduler
 from muse_lm.training.options import RunResult
+from muse_lm.training.recovery import (
+    EVENTS_FILE,
+    Decision,
+    EventLog,
+    RecoveryConfig,
+    RecoveryPolicy,
+    SnapshotKeeper,
+    TrainingStopped,
+    capture_state,
+    load_last_good_checkpoint,
+    reinit_layers,
+    restore_state,
+)
 from muse_lm.training.rng import capture_rng, restore_rng
+from muse_lm.training.stability import StabilityConfig, StabilityMonitor
 
 log = logging.getLogger("muse_lm")
 
@@ -48,6 +65,8 @@ class Trainer:
         run_config: the checkpoint's config.json content.
         seed: orders the training windows (the data split never depends on it).
         dist_info: this process's rank / world size (one process by default).
+        stability / recovery: the monitor's and the ladder's settings (docs/stability.md).
+        faults: injected faults (testing the ladder; see `muse_lm.training.faults`).
 
     Example:
         >>> trainer = Trainer(model, cfg, train_tokens=tok.train, heldout_tokens=tok.heldout,
@@ -58,7 +77,8 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, train_tokens: np.ndarray,
                  heldout_tokens: np.ndarray, run_dir: str | Path, tokenizer_json: str, run_config: dict,
                  seed: int = 0, device: torch.device | str = "cpu", dist_info: DistInfo | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, stability: StabilityConfig | None = None,
+                 recovery: RecoveryConfig | None = None, faults: FaultPlan | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dist = dist_info or DistInfo()
@@ -91,6 +111,20 @@ class Trainer:
         self.latest_checkpoint: Path | None = None
         self._clock_start: float | None = None  # perf_counter() when fit() started
         self._elapsed_base = 0.0
+        # Stability: the monitor judges each step, the policy escalates, snapshots back rollbacks.
+        # `data_offset` shifts the batch index after a rollback so the batches that led to the
+        # trouble are skipped (0 in a run without rollbacks: exact resume is unchanged).
+        self.monitor = StabilityMonitor(stability or StabilityConfig())
+        self.monitor.attach(self.model)
+        self.events = EventLog(self.run_dir / EVENTS_FILE) if self.dist.is_main else None
+        self.policy = RecoveryPolicy(recovery, monitor=self.monitor, events=self.events)
+        rc = self.policy.config
+        self.snapshots = SnapshotKeeper(rc.snapshot_every, rc.confirm_after)
+        self.faults = faults or FaultPlan()
+        self.data_offset = 0
+        self._last_healthy = True
+        self._progress: Progress | None = None
+        self._vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
         self._new_window()
 
     # ---- state ---------------------------------------------------------------------------------
@@ -116,6 +150,10 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "evals": dict(self.evals),
             "log_window": {"sums": self._window_sums.detach().cpu(), "steps": self._window_steps},
+            "data_offset": self.data_offset,
+            "stability": self.monitor.state_dict(),
+            "recovery": self.policy.state_dict(),
+            "faults_fired": self.faults.state_dict(),
         }
 
     def load_state(self, ckpt: Checkpoint) -> None:
@@ -148,14 +186,31 @@ class Trainer:
         self._window_sums = window["sums"].to(self.device)
         self._window_steps = int(window["steps"])
         self.latest_checkpoint = ckpt.path
+        # Checkpoints written before the stability ladder existed lack these keys.
+        self.data_offset = int(state.get("data_offset", 0))
+        if "stability" in state:
+            self.monitor.load_state_dict(state["stability"])
+        if "recovery" in state:
+            self.policy.load_state_dict(state["recovery"])
+        self.faults.load_state_dict(state.get("faults_fired", []))
 
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
-        """One optimizer step at `self.step`; returns the pre-clip grad norm (a device tensor)."""
+        """One optimizer step at `self.step`; returns the pre-clip grad norm (a device tensor).
+
+        The monitor judges the step (one host sync) before `optimizer.step()`; an unhealthy
+        step is not applied and the recovery policy decides what else to do."""
         self.engine.train()
+        step = self.step
+        self.faults.before_step(step, self.model)
+        self.monitor.collect_activations(step)
         accum = self.cfg.grad_accum
+        step_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
         for micro in range(accum):
-            x, y = self.batches.batch(self.step * accum + micro)
+            x, y = self.batches.batch((step + self.data_offset) * accum + micro)
+            scale = 1.0
+            if micro == 0:
+                x, y, scale = self.faults.corrupt_batch(step, x, y, self._vocab)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             # DDP: all-reduce gradients only on the last micro-batch of the step.
@@ -163,16 +218,113 @@ class Trainer:
             with (contextlib.nullcontext() if sync else self.engine.no_sync()):
                 with autocast_context(self.device, self.cfg.dtype):
                     loss, ce, aux = self.engine(x, y, return_parts=True)
+                if scale != 1.0:
+                    loss = loss * scale
+                if micro == 0:
+                    loss = self.faults.corrupt_loss(step, loss)
                 (loss / accum).backward()
-            self._window_sums += torch.stack([loss.detach(), ce.detach(), aux.detach()]).float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+            step_sums += torch.stack([loss.detach(), ce.detach(), aux.detach()]).float()
+        self.faults.corrupt_grads(step, self.model)
+        clip = self.cfg.grad_clip * self.policy.clip_scale
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        mean_loss = step_sums[0] / accum
+        if self.dist.enabled:
+            # Ranks see different losses: decide on the mean so every rank takes the same action.
+            mean_loss = all_reduce_sum(mean_loss.clone(), self.dist) / self.dist.world_size
+        verdict = self.monitor.observe(step, mean_loss, grad_norm, self.model)
+        suspects = [] if verdict.healthy else self.monitor.suspect_layers(self.model)
+        decision = self.policy.step(verdict, suspects)
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float)
-        self.optimizer.step()
+        if decision.apply_update:
+            self.optimizer.step()
+            self._window_sums += step_sums
+            self._window_steps += 1
         self.scheduler.step()
+        self._scale_lr(decision.lr_scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._window_steps += 1
+        self._last_healthy = verdict.healthy
+        if decision.action is not None:
+            self._act(decision)
+        else:
+            self.snapshots.update(self.step, True, self._capture)
         return grad_norm
+
+    def _scale_lr(self, factor: float) -> None:
+        # LambdaLR recomputes lr = base * lambda(step) on every step, so a cut lasts exactly as
+        # long as the policy keeps asking for it and the schedule resumes afterwards.
+        if factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+
+    # ---- recovery ------------------------------------------------------------------------------
+    def _capture(self) -> dict:
+        state = capture_state(self.model, self.optimizer, self.scheduler)
+        state.update(step=self.step, rng=capture_rng(self.device))
+        return state
+
+    def _act(self, decision: Decision) -> None:
+        """Carries out a ladder action beyond skipping the update."""
+        self.snapshots.update(self.step, False, self._capture)
+        if decision.action in ("rollback", "reinit"):
+            self._rollback(decision)
+        if decision.action == "reinit":
+            layers = decision.suspects
+            names = reinit_layers(self.model, self.optimizer, layers)
+            what = (f"re-initialized {len(names)} weight matrices of {', '.join(layers)}" if layers else
+                    "no layer stood out in the statistics, so nothing was re-initialized")
+            self.policy.record(decision.step, "reinit", f"{decision.reason}; {what}", layers=layers)
+        if decision.action == "stop":
+            where = self.latest_checkpoint or "none was written"
+            raise TrainingStopped(
+                f"training stopped at step {decision.step}: the recovery ladder is exhausted ({decision.reason}); "
+                f"the last good checkpoint is {where}; see {self.run_dir / EVENTS_FILE}. Try a lower --set lr=... "
+                "or grad_clip, or check the data")
+
+    def _rollback_checkpoint(self, now: int):
+        """The newest loadable checkpoint at or before step `now` (None if there is none)."""
+        if not list_checkpoints(self.run_dir):
+            return None
+        try:
+            ckpt = load_last_good_checkpoint(self.run_dir, map_location=self.device)
+        except CheckpointError as err:
+            log.warning("muse: warning: rollback impossible: %s", err)
+            return None
+        # A checkpoint from before an earlier rollback can lie ahead of the replayed steps.
+        return ckpt if int(ckpt.train_state["step"]) <= now else None
+
+    def _rollback(self, decision: Decision) -> None:
+        """Back to the last confirmed snapshot (else the last loadable checkpoint), skipping the
+        batches that were used since."""
+        now = self.step
+        if self.snapshots.good is not None:
+            state = self.snapshots.good[1]
+            restore_state(state, self.model, self.optimizer, self.scheduler)
+            restore_rng(state["rng"], self.device)
+            target, source = int(state["step"]), "in-memory snapshot"
+        else:
+            barrier(self.dist)
+            ckpt = self._rollback_checkpoint(now)
+            if ckpt is None:
+                self.policy.record(decision.step, "rollback", f"{decision.reason}; no good state to roll "
+                                   "back to yet (no confirmed snapshot or usable checkpoint): update skipped")
+                return
+            self.model.load_state_dict(ckpt.model_state)
+            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            self.scheduler.load_state_dict(ckpt.train_state["scheduler"])
+            rngs = ckpt.train_state["rng"]
+            if len(rngs) == self.dist.world_size:
+                restore_rng(rngs[self.dist.rank], self.device)
+            target, source = int(ckpt.train_state["step"]), f"checkpoint {ckpt.path.name}"
+        self.data_offset += now - target
+        self.step = target
+        self.snapshots.pending = None
+        self._new_window()
+        if self._progress is not None:
+            self._progress.advance(target - now)
+        self.policy.record(decision.step, "rollback", f"{decision.reason}; restored the {source} of step "
+                           f"{target}, skipping {now - target} steps of data", to_step=target,
+                           data_offset=self.data_offset)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> RunResult:
@@ -190,12 +342,14 @@ class Trainer:
                 log.info("dropped %d metrics records after step %d (replayed from the checkpoint)",
                          dropped, self.step)
         progress = Progress(self.cfg.steps, self.step, enabled=self.show_progress and self.dist.is_main)
+        self._progress, self.policy.notify = progress, progress.message
         try:
             if self.step == 0:
                 self._evaluate(progress)
             self._loop(stop, progress)
         finally:
             progress.close()
+            self._progress, self.policy.notify = None, None
             self.elapsed_s = self._clock()
             self._clock_start = None
         return self.result()
@@ -203,6 +357,7 @@ class Trainer:
     def _loop(self, stop: int, progress: Progress) -> None:
         ckpt_every = self.cfg.checkpoint_interval()
         window_start, paused = time.perf_counter(), 0.0
+        due_ckpt = False
         while self.step < stop:
             grad_norm = self.train_step()
             progress.advance()
@@ -213,8 +368,12 @@ class Trainer:
             t0 = time.perf_counter()
             if self.step % self.cfg.eval_every == 0 or self.step == stop:
                 self._evaluate(progress)
-            if self.step % ckpt_every == 0 or self.step == stop:
+            # A checkpoint is written only after a healthy step (a due one waits for the next):
+            # the ladder falls back to checkpoints, so they must hold good states.
+            due_ckpt = due_ckpt or self.step % ckpt_every == 0
+            if (due_ckpt and self._last_healthy) or self.step == stop:
                 self.save(progress)
+                due_ckpt = False
             paused += time.perf_counter() - t0
 
     def _clock(self) -> float:
@@ -226,6 +385,8 @@ class Trainer:
     def _log(self, grad_norm: torch.Tensor, window_s: float, progress: Progress) -> None:
         """Writes one metrics line: means over the window since the last line (one host sync)."""
         steps = self._window_steps
+        if steps == 0:  # every step of the window was skipped by the recovery ladder
+            return
         sums = all_reduce_sum(self._window_sums.clone(), self.dist)
         means = (sums / (steps * self.cfg.grad_accum * self.dist.world_size)).tolist()
         self._new_window()
@@ -243,6 +404,7 @@ class Trainer:
             "tokens_per_s": steps * self.tokens_per_step / max(window_s, 1e-9),
             "elapsed_s": self._clock(),
             "mem_gib": mem,
+            **self.monitor.forward_stats,  # per-block activation / AR-SSM / BK statistics
         }
         self.metrics.write(record)
         progress.report(f"step {self.step}/{self.cfg.steps} | loss {record['loss']:.4f} | "
@@ -269,6 +431,9 @@ class Trainer:
         """Checkpoints the current step (collective under DDP; rank 0 writes)."""
         self.elapsed_s = self._clock()
         state = self.train_state()
+        marker = self.faults.save_marker(self.step)
+        if marker is not None:  # injected crash_in_save: pickling it kills the process mid-write
+            state["injected_fault"] = marker
         barrier(self.dist)
         path = self.run_dir / f"step-{self.step:07d}"
         if self.dist.is_main:

@@ -1,0 +1,310 @@
+"""`StabilityMonitor`: is this training step healthy?
+
+Per step the monitor reads two numbers, the step's mean loss and its pre-clip gradient norm,
+with **one** host sync (`torch.stack([loss, grad_norm]).tolist()`). The decision whether to
+apply the update has to be made before `optimizer.step()`, so one small sync per step is the
+price; on a CPU it is free, on a GPU it costs the launch queue's slack once per optimizer step
+(not per micro-batch), which is negligible next to a multi-millisecond step. Everything else
+(per-layer gradient / weight / activation RMS) is read only every `stats_every` steps.
+
+A step is unhealthy when:
+
+- the loss or the gradient norm is not finite (NaN / inf anywhere in the gradients makes the
+  norm non-finite, so one reduction covers every parameter);
+- once armed (after `arm_after` healthy steps), the loss or the gradient norm is an upward
+  outlier against the recent trend: `value > median + k * max(1.4826 * MAD, floor * median)`
+  over the last `window` healthy values. The MAD band adapts to the run's own noise; the
+  relative floor keeps a very smooth run from flagging tiny wiggles.
+
+`widen()` multiplies both `k`s (the recovery policy calls it after repeated false alarms).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from muse_lm.config_utils import config_from_dict, require
+
+
+@dataclass
+class StabilityConfig:
+    """Thresholds of the monitor. The defaults are tuned to flag real divergence (a corrupted
+    batch roughly doubles the loss, a blown-up layer makes it explode) while a healthy run's
+    step-to-step noise (a few percent of the loss, 2x swings of the grad norm) passes."""
+
+    arm_after: int = 20  # healthy steps before outlier checks start (the finite checks always run)
+    window: int = 50  # healthy values the running median / MAD are taken over
+    loss_k: float = 6.0  # loss outlier: > median + loss_k * spread
+    loss_floor: float = 0.05  # ... with spread >= loss_floor * median (6 x 5% = 30% above the median)
+    grad_k: float = 10.0  # grad-norm outlier: > median + grad_k * spread
+    grad_floor: float = 1.0  # ... with spread >= grad_floor * median (11x the median at the defaults)
+    stats_every: int = 10  # steps between per-layer RMS reads (one extra sync on those steps)
+    stats_decay: float = 0.9  # EMA decay of the per-layer baselines
+    suspect_ratio: float = 5.0  # a layer whose RMS is this many times its baseline is singled out
+
+    def __post_init__(self) -> None:
+        for name in ("arm_after", "window", "stats_every"):
+            value = getattr(self, name)
+            positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            require("StabilityConfig", positive, name, value, "must be a positive integer")
+        for name, low, high in (("loss_k", 0, math.inf), ("loss_floor", 0, math.inf), ("grad_k", 0, math.inf),
+                                ("grad_floor", 0, math.inf), ("stats_decay", 0, 1), ("suspect_ratio", 1, math.inf)):
+            value = getattr(self, name)
+            require("StabilityConfig", _is_real(value) and low < value < high, name, value,
+                    f"must be a number in ({low}, {high})")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StabilityConfig:
+        return config_from_dict(cls, data)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class Verdict:
+    """What the monitor concluded about one step."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    healthy: bool = True
+    reason: str = ""
+    finite: bool = True  # False: NaN/inf (never a false alarm)
+
+
+def _outlier(value: float, history: deque, k: float, floor: float) -> tuple[bool, float]:
+    """(is `value` an upward outlier, the threshold) against the values in `history`."""
+    median = statistics.median(history)
+    mad = statistics.median(abs(v - median) for v in history)
+    spread = max(1.4826 * mad, floor * abs(median))
+    limit = median + k * spread
+    return value > limit, limit
+
+
+def layer_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Parameters grouped by layer: `blocks.3.mixer.w` -> `blocks.3`; other top-level modules
+    (embedding, final norm) by their first name component."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 2 else parts[0]
+        groups.setdefault(key, []).append((name, p))
+    return groups
+
+
+def _rms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Root-mean-square over all elements of `tensors` (a 0-d device tensor)."""
+    total = sum(t.detach().float().pow(2).sum() for t in tensors)
+    count = sum(t.numel() for t in tensors)
+    return (total / max(count, 1)).sqrt()
+
+
+def _ssm_decay(mixer: nn.Module):
+    """Mean a_t = exp(-exp(A_log) softplus(dt_t + dt_bias)) over batch, tokens and heads, from
+    the AR-SSM's input projection (the same formula the layer uses)."""
+
+    def stat(module, args, out):
+        dt = out.split(mixer._splits, dim=-1)[3].float()
+        log_a = -torch.exp(mixer.A_log.float()) * torch.nn.functional.softplus(dt + mixer.dt_bias.float())
+        return log_a.exp().mean()
+    return stat
+
+
+def _bk_stat(bk: nn.Module, which: str):
+    """From the BK output projection's input [eta Re G, eta Im G]: the per-token log-determinant
+    -mean log|G| or the resonance distance mean(1 - eta |G|)."""
+
+    def stat(module, args, out):
+        feats = args[0].float()
+        k = feats.shape[-1] // 2
+        mag = torch.hypot(feats[..., :k], feats[..., k:])  # eta |G| in [0, 1]
+        if which == "resonance":
+            return (1 - mag).mean()
+        eta = bk.spectral_parameter().imag.float()
+        return -(mag / eta).clamp_min(1e-30).log().mean()
+    return stat
+
+
+@dataclass
+class StabilityMonitor:
+    """Watches loss, gradient norm and per-layer statistics; see the module docstring.
+
+    Example (a user's own loop):
+        >>> monitor = StabilityMonitor(StabilityConfig())
+        >>> verdict = monitor.observe(step, loss, grad_norm, model)  # after backward, before step()
+        >>> if verdict.healthy: optimizer.step()
+    """
+
+    config: StabilityConfig = field(default_factory=StabilityConfig)
+    scale: float = 1.0  # multiplies loss_k / grad_k; grows with widen()
+    healthy_steps: int = 0
+    losses: deque = field(default_factory=deque)
+    grads: deque = field(default_factory=deque)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> {"grad", "weight"}
+    forward_stats: dict[str, float] = field(default_factory=dict)  # "blocks.N/<stat>" -> value (see attach)
+
+    def __post_init__(self) -> None:
+        self.losses = deque(self.losses, maxlen=self.config.window)
+        self.grads = deque(self.grads, maxlen=self.config.window)
+        self._collect = False
+        self._act: dict[str, torch.Tensor] = {}
+
+    @property
+    def armed(self) -> bool:
+        return self.healthy_steps >= self.config.arm_after and len(self.losses) >= 3
+
+    # ---- per step ------------------------------------------------------------------------------
+    def observe(self, step: int, loss: torch.Tensor | float, grad_norm: torch.Tensor | float,
+                model: nn.Module | None = None) -> Verdict:
+        """Judges one step from its mean loss and pre-clip gradient norm (one host sync), and
+        every `stats_every` healthy steps refreshes the per-layer baselines of `model` (whose
+        gradients must still be present)."""
+        device = next((t.device for t in (loss, grad_norm) if isinstance(t, torch.Tensor)), None)
+        pair = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                            for v in (loss, grad_norm)])
+        loss_v, grad_v = pair.tolist()  # the step's one host sync
+        verdict = Verdict(step, loss_v, grad_v)
+        self._collect = False
+        if not math.isfinite(loss_v):
+            verdict.healthy, verdict.finite, verdict.reason = False, False, f"loss is {loss_v}"
+        elif not math.isfinite(grad_v):
+            verdict.healthy, verdict.finite, verdict.reason = False, False, f"gradient norm is {grad_v}"
+        elif self.armed:
+            cfg = self.config
+            bad, limit = _outlier(loss_v, self.losses, cfg.loss_k * self.scale, cfg.loss_floor)
+            if bad:
+                verdict.healthy, verdict.reason = False, f"loss {loss_v:.4g} above the trend's limit {limit:.4g}"
+            else:
+                bad, limit = _outlier(grad_v, self.grads, cfg.grad_k * self.scale, cfg.grad_floor)
+                if bad:
+                    verdict.healthy = False
+                    verdict.reason = f"gradient norm {grad_v:.4g} above the trend's limit {limit:.4g}"
+        if verdict.healthy:
+            self.losses.append(loss_v)
+            self.grads.append(grad_v)
+            self.healthy_steps += 1
+            if model is not None and step % self.config.stats_every == 0:
+                self.update_baselines(model)
+        return verdict
+
+    def widen(self, factor: float = 1.5) -> None:
+        """Loosens both outlier thresholds by `factor` (after repeated false alarms)."""
+        self.scale *= factor
+
+    # ---- per-layer statistics ------------------------------------------------------------------
+    def layer_stats(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """{layer: {"grad": gradient RMS, "weight": weight RMS}} (one host sync). A layer with a
+        non-finite gradient reports inf."""
+        groups = layer_groups(model)
+        names, values = [], []
+        for key, params in groups.items():
+            grads = [p.grad for _, p in params if p.grad is not None]
+            names.append(key)
+            zero = torch.zeros((), device=params[0][1].device)
+            values.append(torch.stack([_rms(grads) if grads else zero, _rms([p for _, p in params])]))
+        rows = torch.stack(values).nan_to_num(nan=math.inf).tolist()
+        return {key: {"grad": g, "weight": w} for key, (g, w) in zip(names, rows)}
+
+    def update_baselines(self, model: nn.Module) -> None:
+        decay = self.config.stats_decay
+        for key, now in self.layer_stats(model).items():
+            old = self.baselines.get(key)
+            if old is None:
+                self.baselines[key] = dict(now)
+            else:
+                self.baselines[key] = {k: decay * old[k] + (1 - decay) * now[k] for k in now}
+        if self._act:
+            names = list(self._act)
+            self.forward_stats = dict(zip(names, torch.stack([self._act[k] for k in names]).tolist()))
+            self._act = {}
+
+    def suspect_layers(self, model: nn.Module) -> list[str]:
+        """Layers whose weight or gradient RMS is `suspect_ratio` times their baseline (or not
+        finite), worst first; call it on an unhealthy step, before the gradients are cleared."""
+        stats = self.layer_stats(model)
+        # Weights first: a blown-up layer poisons every gradient (all of them read inf/NaN), but
+        # only its own weights moved.
+        for kind in ("weight", "grad"):
+            scores = {}
+            for key, now in stats.items():
+                base = self.baselines.get(key)
+                if base is None:
+                    continue
+                ratio = now[kind] / base[kind] if base[kind] > 0 else (math.inf if now[kind] > 0 else 0.0)
+                if not math.isfinite(now[kind]) or ratio >= self.config.suspect_ratio:
+                    scores[key] = ratio
+            # Every layer flagged (a NaN loss poisons all gradients) singles out none of them.
+            if scores and len(scores) < len(stats):
+                return sorted(scores, key=lambda k: -scores[k])
+        return []
+
+    def attach(self, model: nn.Module) -> None:
+        """Forward hooks that, on the forward passes of stats steps only, record per block
+        (`forward_stats["blocks.N/<name>"]`):
+
+        - `act_rms`: the block's output RMS;
+        - `ssm_decay`: the AR-SSM's mean per-token decay a_t = exp(log a_t) (near 1: long memory;
+          the state norm grows like 1 / (1 - a)), and `ssm_state_rms`: the RMS of the scan's
+          final state S_T (R x P per head), which the layer returns on stats steps only;
+        - `bk_logdet`: the BK features' log|det(H_1..T - z)| / T, the per-token log-determinant,
+          which is -mean_t log|G_t| because G_t = det_{t-1} / det_t (N-normalized: a healthy long
+          sequence has the same value as a short one), and `bk_resonance`: mean_t (1 - eta |G_t|),
+          the distance from resonance (|G_t| reaches its bound 1/eta when z touches the spectrum).
+
+        Nothing is computed on other steps. Needs `model.blocks` with MuseBlock's layout;
+        other models get only what they have."""
+        for i, block in enumerate(getattr(model, "blocks", [])):
+            key = f"blocks.{i}"
+            block.register_forward_hook(self._hook(key, "act_rms", lambda mod, inp, out: _rms([out[0]])))
+            mixer = getattr(block, "mixer", None)
+            if mixer is not None and all(hasattr(mixer, a) for a in ("in_proj", "_splits", "A_log", "dt_bias")):
+                mixer.in_proj.register_forward_hook(self._hook(key, "ssm_decay", _ssm_decay(mixer)))
+            if mixer is not None and hasattr(mixer, "track_state_norm"):
+                mixer.register_forward_pre_hook(self._track_state(mixer))
+                mixer.register_forward_hook(
+                    self._hook(key, "ssm_state_rms", lambda mod, inp, out: mod.last_state_rms))
+            bk = getattr(block, "bk", None)
+            if bk is not None and hasattr(bk, "out") and hasattr(bk, "spectral_parameter"):
+                bk.out.register_forward_hook(self._hook(key, "bk_logdet", _bk_stat(bk, "logdet")))
+                bk.out.register_forward_hook(self._hook(key, "bk_resonance", _bk_stat(bk, "resonance")))
+
+    def _track_state(self, mixer: nn.Module):
+        """Asks the AR-SSM for its final state on stats steps only (other steps skip that output)."""
+
+        def pre_hook(module, args):
+            mixer.track_state_norm = self._collect
+        return pre_hook
+
+    def _hook(self, key: str, name: str, stat):
+        def hook(module, args, output):
+            if self._collect:
+                with torch.no_grad():
+                    self._act[f"{key}/{name}"] = stat(module, args, output).detach().float()
+        return hook
+
+    def collect_activations(self, step: int) -> None:
+        """Turns forward-statistics recording on for the forward pass of `step` if it is a stats
+        step (`observe` turns it off again, so evaluation passes are never recorded)."""
+        self._collect = step % self.config.stats_every == 0
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "healthy_steps": self.healthy_steps, "losses": list(self.losses),
+                "grads": list(self.grads), "baselines": {k: dict(v) for k, v in self.baselines.items()},
+                "forward_stats": dict(self.forward_stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.healthy_steps = int(state["healthy_steps"])
+        self.losses = deque(state["losses"], maxlen=self.config.window)
+        self.grads = deque(state["grads"], maxlen=self.config.window)
+        self.baselines = {k: dict(v) for k, v in state["baselines"].items()}
+        self.forward_stats = dict(state.get("forward_stats", {}))
