@@ -220,6 +220,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"prune_checkpoints: keep={keep!r} must be an integer >= 1")
     run_dir = Path(run_dir)
+    _remove_crash_debris(run_dir)
     latest = _read_latest(run_dir)
     for path in list_checkpoints(run_dir)[:-keep]:
         if path.name == latest:
@@ -227,6 +228,16 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         doomed = path.with_name(f".{path.name}.del-{secrets.token_hex(4)}")
         os.rename(path, doomed)
         shutil.rmtree(doomed)
+
+
+def _remove_crash_debris(run_dir: Path) -> None:
+    """Removes hidden `.step-*.{tmp,old,del}-*` directories that a crash mid-save or mid-prune left.
+
+    Called right after a save completes: a run has one writer, so any such directory now is stale.
+    """
+    for path in run_dir.glob(".step-*"):
+        if path.is_dir() and re.fullmatch(r"\.step-\d+\.(tmp|old|del)-\w+", path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _not_a_checkpoint(path: Path, why: str) -> CheckpointError:

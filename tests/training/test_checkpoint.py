@@ -118,3 +118,17 @@ def test_load_rejects_random_directory(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a muse_lm checkpoint or run directory"):
         load_checkpoint(tmp_path)
+
+
+def test_a_completed_save_removes_debris_of_crashed_saves(tmp_path):
+    _save(tmp_path, 1)
+    names = (".step-0000002.tmp-ab12cd", ".step-0000001.old-99aa", ".step-0000001.del-x1")
+    debris = [tmp_path / n for n in names]
+    for d in debris:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    keep = tmp_path / ".not-ours"
+    keep.mkdir()
+    _save(tmp_path, 2)
+    assert not any(d.exists() for d in debris)
+    assert keep.exists() and [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
