@@ -138,3 +138,12 @@ def test_transformer_baseline_contract_and_causality():
     loss, ce, aux = model(ids, ids, return_parts=True)
     torch.testing.assert_close(ce, F.cross_entropy(logits.reshape(-1, 50), ids.reshape(-1)))
     assert aux == 0
+
+
+def test_generate_restores_mode_and_id_checking():
+    model = small_model().train()
+    model.generate(torch.randint(0, 97, (1, 3)), 2, temperature=0)
+    assert model.training and model.check_ids
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(torch.randint(0, 97, (1, 3)), 2, top_k=0)
+    assert model.training and model.check_ids

@@ -25,8 +25,18 @@ class GenerationMixin:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         self.validate_ids(ids)
-        was_training = self.training
+        was_training, check_ids = self.training, self.check_ids
+        # The prompt is checked once above and sampled ids are in range by construction, so the
+        # per-step range check (a host sync on CUDA) is off while decoding.
         self.eval()
+        self.check_ids = False
+        try:
+            return self._decode(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+        finally:
+            self.train(was_training)
+            self.check_ids = check_ids
+
+    def _decode(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id) -> torch.Tensor:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=ids.device).manual_seed(seed)
@@ -43,5 +53,4 @@ class GenerationMixin:
             if eos_token_id is not None and bool(done.all()):
                 break
             h, _, states = self.trunk(nxt[:, None], states)
-        self.train(was_training)
         return torch.cat(out, dim=1)
