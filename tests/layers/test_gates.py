@@ -72,3 +72,4 @@ def test_state_norm_tracking_reports_the_final_state_rms():
     layer.track_state_norm = True
     layer(x)
     torch.testing.assert_close(layer.last_state_rms, state.ssm.pow(2).mean().sqrt())
+    assert 0 < float(layer.last_decay_mean) <= 1

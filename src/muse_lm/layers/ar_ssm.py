@@ -71,9 +71,11 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         self.gate_bias = nn.Parameter(torch.empty(R))
         self.register_buffer("gate_mean", torch.ones(R))
         # Set by a stability monitor on its statistics steps: the scan then also returns its final
-        # state and the layer keeps that state's RMS (detached, on the device) in `last_state_rms`.
+        # state and the layer keeps, detached on the device, that state's RMS (`last_state_rms`) and
+        # the mean per-token decay a_t (`last_decay_mean`).
         self.track_state_norm = False
         self.last_state_rms: torch.Tensor | None = None
+        self.last_decay_mean: torch.Tensor | None = None
         self.init_std = init_std
         self.out_init_std = out_init_std if out_init_std is not None else init_std
         self.reset_parameters()
@@ -139,6 +141,7 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
                                         chunk_size=self.chunk_size)
         if self.track_state_norm:
             self.last_state_rms = ssm.detach().float().pow(2).mean().sqrt()
+            self.last_decay_mean = log_a.detach().exp().mean()
         y = self.out_norm(y.to(x.dtype)).reshape(B, T, self.d_inner) * F.silu(self.z_proj(x))
         prob = torch.sigmoid(gate_logits[..., self.min_rank:])
         penalty = self.gate_l1 * prob.sum(-1).mean() if prob.numel() else gate_logits.new_zeros(())

@@ -107,17 +107,6 @@ def _rms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return (total / max(count, 1)).sqrt()
 
 
-def _ssm_decay(mixer: nn.Module):
-    """Mean a_t = exp(-exp(A_log) softplus(dt_t + dt_bias)) over batch, tokens and heads, from
-    the AR-SSM's input projection (the same formula the layer uses)."""
-
-    def stat(module, args, out):
-        dt = out.split(mixer._splits, dim=-1)[3].float()
-        log_a = -torch.exp(mixer.A_log.float()) * torch.nn.functional.softplus(dt + mixer.dt_bias.float())
-        return log_a.exp().mean()
-    return stat
-
-
 def _bk_stat(bk: nn.Module, which: str):
     """From the BK output projection's input [eta Re G, eta Im G]: the per-token log-determinant
     -mean log|G| or the resonance distance mean(1 - eta |G|)."""
@@ -265,12 +254,12 @@ class StabilityMonitor:
             key = f"blocks.{i}"
             block.register_forward_hook(self._hook(key, "act_rms", lambda mod, inp, out: _rms([out[0]])))
             mixer = getattr(block, "mixer", None)
-            if mixer is not None and all(hasattr(mixer, a) for a in ("in_proj", "_splits", "A_log", "dt_bias")):
-                mixer.in_proj.register_forward_hook(self._hook(key, "ssm_decay", _ssm_decay(mixer)))
             if mixer is not None and hasattr(mixer, "track_state_norm"):
                 mixer.register_forward_pre_hook(self._track_state(mixer))
                 mixer.register_forward_hook(
                     self._hook(key, "ssm_state_rms", lambda mod, inp, out: mod.last_state_rms))
+                mixer.register_forward_hook(
+                    self._hook(key, "ssm_decay", lambda mod, inp, out: mod.last_decay_mean))
             bk = getattr(block, "bk", None)
             if bk is not None and hasattr(bk, "out") and hasattr(bk, "spectral_parameter"):
                 bk.out.register_forward_hook(self._hook(key, "bk_logdet", _bk_stat(bk, "logdet")))
