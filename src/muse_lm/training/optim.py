@@ -32,10 +32,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused CUDA kernel on GPU (one launch for all params),
-    the foreach path on CPU."""
-    fused = device.type == "cuda"
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel on GPU (one launch for all params; it can
+    skip a step on a device flag, `found_inf`), the foreach path on CPU unless `fused=True`."""
+    fused = device.type == "cuda" if fused is None else fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

@@ -216,15 +216,18 @@ class SnapshotKeeper:
         self.pending: tuple[int, Any] | None = None
         self.good: tuple[int, Any] | None = None
 
-    def update(self, step: int, healthy: bool, capture: Callable[[], Any]) -> None:
-        """After step `step` (the count of steps done) finished, healthy or not."""
+    def update(self, step: int, healthy: bool, capture: Callable[[], Any], ahead: int = 0) -> None:
+        """After the verdict on the `step`-th step (so `step` steps are verified), healthy or
+        not. `capture()` returns the current state, which may be `ahead` unverified steps past
+        them (a lagged monitor): a candidate is trusted once `confirm` verified steps lie past
+        the state it holds."""
         if not healthy:
             self.pending = None
             return
         if self.pending is not None and step - self.pending[0] >= self.confirm:
             self.good, self.pending = self.pending, None
-        if self.pending is None and step % self.every == 0:
-            self.pending = (step, capture())
+        if self.pending is None and (step + ahead) % self.every == 0:
+            self.pending = (step + ahead, capture())
 
 
 def capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict:

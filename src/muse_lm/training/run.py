@@ -30,6 +30,7 @@ from muse_lm.training.metrics import METRICS_FILE
 from muse_lm.training.options import RunOptions, RunResult, apply_overrides
 from muse_lm.training.recovery import load_last_good_checkpoint
 from muse_lm.training.rng import seed_everything
+from muse_lm.training.stability import StabilityConfig
 from muse_lm.training.tokenizer import get_tokenizer, load_tokenizer
 from muse_lm.training.trainer import Trainer
 
@@ -227,8 +228,10 @@ def _load_data(plan: RunPlan, options: RunOptions, info: DistInfo
     return corpus, tokenizer, tokens
 
 
-def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info: DistInfo) -> Trainer:
-    """Loads the data, builds the model and the Trainer (resumed if planned)."""
+def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info: DistInfo,
+                  stability: StabilityConfig | None = None) -> Trainer:
+    """Loads the data, builds the model and the Trainer (resumed if planned); `stability`
+    overrides the monitor's defaults."""
     corpus, tokenizer, tokens = _load_data(plan, options, info)
     resumed = plan.resume_from
     model_cfg = plan.model
@@ -256,7 +259,7 @@ def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info
     trainer = Trainer(model, plan.train, train_tokens=tokens.train, heldout_tokens=tokens.heldout,
                       run_dir=plan.run_dir, tokenizer_json=tokenizer.to_str(), run_config=run_config,
                       seed=plan.seed, device=device, dist_info=info, progress=options.progress,
-                      faults=FaultPlan.parse(options.faults))
+                      faults=FaultPlan.parse(options.faults), stability=stability)
     if resumed is not None:
         trainer.load_state(resumed)
     _log_start(plan, trainer, corpus, tokens, info)

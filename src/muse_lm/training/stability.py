@@ -1,11 +1,13 @@
 """`StabilityMonitor`: is this training step healthy?
 
-Per step the monitor reads two numbers, the step's mean loss and its pre-clip gradient norm,
-with **one** host sync (`torch.stack([loss, grad_norm]).tolist()`). The decision whether to
-apply the update has to be made before `optimizer.step()`, so one small sync per step is the
-price; on a CPU it is free, on a GPU it costs the launch queue's slack once per optimizer step
-(not per micro-batch), which is negligible next to a multi-millisecond step. Everything else
-(per-layer gradient / weight / activation RMS) is read only every `stats_every` steps.
+Per step the monitor judges two numbers, the step's mean loss and its pre-clip gradient norm.
+The trainer never waits for them on a GPU: it compares them on the device against limits
+taken from the history (`limits()` -> `device_flag()`), hands that 0/1 flag to the fused AdamW
+as `found_inf` (a flagged step updates nothing, like GradScaler's skipped steps), and copies the
+numbers to pinned host memory without blocking (`LaggedReader`); the host reads them `lag`
+steps later (default 1 on CUDA), when the GPU has long finished that step, and only then
+escalates (LR cut, clipping, rollback, ...). On a CPU there is no queue to keep full, so the
+default lag is 0 and `observe()` reads the pair at once.
 
 A step is unhealthy when:
 
@@ -16,7 +18,9 @@ A step is unhealthy when:
   over the last `window` healthy values. The MAD band adapts to the run's own noise; the
   relative floor keeps a very smooth run from flagging tiny wiggles.
 
-`widen()` multiplies both `k`s (the recovery policy calls it after repeated false alarms).
+Per-layer gradient / weight / activation RMS are gathered only every `stats_every` steps (on
+the device, read with the same lag). `widen()` multiplies both `k`s (the recovery policy calls
+it after repeated false alarms).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class StabilityConfig:
     stats_every: int = 10  # steps between per-layer RMS reads (one extra sync on those steps)
     stats_decay: float = 0.9  # EMA decay of the per-layer baselines
     suspect_ratio: float = 5.0  # a layer whose RMS is this many times its baseline is singled out
+    # Steps between a step and the host reading its health. None: 1 on CUDA (no host sync per
+    # step; the skip itself happens on the device), 0 on CPU (read at once, nothing to overlap).
+    lag: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("arm_after", "window", "stats_every"):
@@ -58,6 +65,14 @@ class StabilityConfig:
             value = getattr(self, name)
             require("StabilityConfig", _is_real(value) and low < value < high, name, value,
                     f"must be a number in ({low}, {high})")
+        lag_ok = self.lag is None or (isinstance(self.lag, int) and not isinstance(self.lag, bool)
+                                      and 0 <= self.lag <= 8)
+        require("StabilityConfig", lag_ok, "lag", self.lag, "must be None or an integer in [0, 8]")
+
+    def resolved_lag(self, device: torch.device) -> int:
+        if self.lag is not None:
+            return self.lag
+        return 1 if device.type == "cuda" else 0
 
     @classmethod
     def from_dict(cls, data: dict) -> StabilityConfig:
@@ -80,13 +95,12 @@ class Verdict:
     finite: bool = True  # False: NaN/inf (never a false alarm)
 
 
-def _outlier(value: float, history: deque, k: float, floor: float) -> tuple[bool, float]:
-    """(is `value` an upward outlier, the threshold) against the values in `history`."""
+def _limit(history: deque, k: float, floor: float) -> float:
+    """The upward-outlier threshold of the values in `history`: median + k * spread."""
     median = statistics.median(history)
     mad = statistics.median(abs(v - median) for v in history)
     spread = max(1.4826 * mad, floor * abs(median))
-    limit = median + k * spread
-    return value > limit, limit
+    return median + k * spread
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -153,35 +167,61 @@ class StabilityMonitor:
     # ---- per step ------------------------------------------------------------------------------
     def observe(self, step: int, loss: torch.Tensor | float, grad_norm: torch.Tensor | float,
                 model: nn.Module | None = None) -> Verdict:
-        """Judges one step from its mean loss and pre-clip gradient norm (one host sync), and
-        every `stats_every` healthy steps refreshes the per-layer baselines of `model` (whose
-        gradients must still be present)."""
+        """Judges one step from its mean loss and pre-clip gradient norm at once (one host sync),
+        and every `stats_every` healthy steps refreshes the per-layer baselines of `model` (whose
+        gradients must still be present). For a loop that must not wait on the GPU use
+        `limits()` + `device_flag()` now and `judge()` later (see the module docstring)."""
         device = next((t.device for t in (loss, grad_norm) if isinstance(t, torch.Tensor)), None)
         pair = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
                             for v in (loss, grad_norm)])
         loss_v, grad_v = pair.tolist()  # the step's one host sync
-        verdict = Verdict(step, loss_v, grad_v)
         self._collect = False
+        verdict = self.judge(step, loss_v, grad_v)
+        if verdict.healthy and model is not None and step % self.config.stats_every == 0:
+            self.update_baselines(model)
+        return verdict
+
+    def limits(self) -> tuple[float, float]:
+        """(loss limit, gradient-norm limit) a step is judged against now: inf before arming."""
+        if not self.armed:
+            return math.inf, math.inf
+        cfg = self.config
+        return (_limit(self.losses, cfg.loss_k * self.scale, cfg.loss_floor),
+                _limit(self.grads, cfg.grad_k * self.scale, cfg.grad_floor))
+
+    @staticmethod
+    def device_flag(loss: torch.Tensor, grad_norm: torch.Tensor, limits: tuple[float, float]) -> torch.Tensor:
+        """0-d float32 tensor on the loss's device: 1.0 if the step is unhealthy by `limits`
+        (not finite, or above a limit), else 0.0. No host sync."""
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm) | (loss > limits[0]) | (grad_norm > limits[1])
+        return bad.float().reshape(())
+
+    def judge(self, step: int, loss_v: float, grad_v: float, *, limits: tuple[float, float] | None = None,
+              flagged: bool | None = None) -> Verdict:
+        """The verdict on step `step` from its host-side numbers, against `limits` (default: the
+        current ones); `flagged` is the device's decision when the step was judged there (then
+        authoritative: the update was already skipped or applied by it). Healthy values join the
+        history."""
+        loss_limit, grad_limit = self.limits() if limits is None else limits
+        verdict = Verdict(step, loss_v, grad_v)
         if not math.isfinite(loss_v):
             verdict.healthy, verdict.finite, verdict.reason = False, False, f"loss is {loss_v}"
         elif not math.isfinite(grad_v):
             verdict.healthy, verdict.finite, verdict.reason = False, False, f"gradient norm is {grad_v}"
-        elif self.armed:
-            cfg = self.config
-            bad, limit = _outlier(loss_v, self.losses, cfg.loss_k * self.scale, cfg.loss_floor)
-            if bad:
-                verdict.healthy, verdict.reason = False, f"loss {loss_v:.4g} above the trend's limit {limit:.4g}"
-            else:
-                bad, limit = _outlier(grad_v, self.grads, cfg.grad_k * self.scale, cfg.grad_floor)
-                if bad:
-                    verdict.healthy = False
-                    verdict.reason = f"gradient norm {grad_v:.4g} above the trend's limit {limit:.4g}"
+        elif loss_v > loss_limit:
+            verdict.healthy, verdict.reason = False, f"loss {loss_v:.4g} above the trend's limit {loss_limit:.4g}"
+        elif grad_v > grad_limit:
+            verdict.healthy = False
+            verdict.reason = f"gradient norm {grad_v:.4g} above the trend's limit {grad_limit:.4g}"
+        if flagged is not None and flagged == verdict.healthy:
+            # fp32 on the device vs fp64 here can disagree exactly at a limit; the device acted.
+            verdict.healthy = not flagged
+            verdict.reason = "at the trend's limit (device comparison)" if flagged else ""
         if verdict.healthy:
             self.losses.append(loss_v)
             self.grads.append(grad_v)
             self.healthy_steps += 1
-            if model is not None and step % self.config.stats_every == 0:
-                self.update_baselines(model)
         return verdict
 
     def widen(self, factor: float = 1.5) -> None:
@@ -189,31 +229,51 @@ class StabilityMonitor:
         self.scale *= factor
 
     # ---- per-layer statistics ------------------------------------------------------------------
-    def layer_stats(self, model: nn.Module) -> dict[str, dict[str, float]]:
-        """{layer: {"grad": gradient RMS, "weight": weight RMS}} (one host sync). A layer with a
-        non-finite gradient reports inf."""
-        groups = layer_groups(model)
+    def layer_stats_tensor(self, model: nn.Module) -> tuple[list[str], torch.Tensor]:
+        """(layer names, `[L, 2]` device tensor of gradient RMS and weight RMS); no host sync."""
         names, values = [], []
-        for key, params in groups.items():
+        for key, params in layer_groups(model).items():
             grads = [p.grad for _, p in params if p.grad is not None]
             names.append(key)
             zero = torch.zeros((), device=params[0][1].device)
             values.append(torch.stack([_rms(grads) if grads else zero, _rms([p for _, p in params])]))
-        rows = torch.stack(values).nan_to_num(nan=math.inf).tolist()
-        return {key: {"grad": g, "weight": w} for key, (g, w) in zip(names, rows)}
+        return names, torch.stack(values)
+
+    def layer_stats(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """{layer: {"grad": gradient RMS, "weight": weight RMS}} (one host sync). A layer with a
+        non-finite gradient reports inf."""
+        names, values = self.layer_stats_tensor(model)
+        return self.stats_from_rows(names, values.tolist())
+
+    @staticmethod
+    def stats_from_rows(names: list[str], rows: list[list[float]]) -> dict[str, dict[str, float]]:
+        fix = lambda x: math.inf if math.isnan(x) else x  # noqa: E731
+        return {key: {"grad": fix(g), "weight": fix(w)} for key, (g, w) in zip(names, rows)}
 
     def update_baselines(self, model: nn.Module) -> None:
+        self.fold_baselines(self.layer_stats(model))
+        names, values = self.take_activations()
+        if names:
+            self.forward_stats = dict(zip(names, values.tolist()))
+
+    def fold_baselines(self, stats: dict[str, dict[str, float]]) -> None:
+        """Moves the per-layer EMA baselines towards `stats` (from a healthy step)."""
         decay = self.config.stats_decay
-        for key, now in self.layer_stats(model).items():
+        for key, now in stats.items():
             old = self.baselines.get(key)
             if old is None:
                 self.baselines[key] = dict(now)
             else:
                 self.baselines[key] = {k: decay * old[k] + (1 - decay) * now[k] for k in now}
-        if self._act:
-            names = list(self._act)
-            self.forward_stats = dict(zip(names, torch.stack([self._act[k] for k in names]).tolist()))
-            self._act = {}
+
+    def take_activations(self) -> tuple[list[str], torch.Tensor | None]:
+        """The forward statistics recorded on this stats step (device tensors), then forgotten."""
+        if not self._act:
+            return [], None
+        names = list(self._act)
+        values = torch.stack([self._act[k] for k in names])
+        self._act = {}
+        return names, values
 
     def suspect_layers(self, model: nn.Module) -> list[str]:
         """Layers whose weight or gradient RMS is `suspect_ratio` times their baseline (or not
@@ -283,6 +343,10 @@ class StabilityMonitor:
         """Turns forward-statistics recording on for the forward pass of `step` if it is a stats
         step (`observe` turns it off again, so evaluation passes are never recorded)."""
         self._collect = step % self.config.stats_every == 0
+
+    def stop_collecting(self) -> None:
+        """Ends a step's recording (`observe` does this itself; lagged callers call it)."""
+        self._collect = False
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

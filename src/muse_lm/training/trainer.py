@@ -29,6 +29,7 @@ from muse_lm.training.data import PackedBatches, heldout_batches
 from muse_lm.training.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from muse_lm.training.evaluate import EvalResult, autocast_context, evaluate_loss, validate_token_ids
 from muse_lm.training.faults import FaultPlan
+from muse_lm.training.lagged import LaggedReader
 from muse_lm.training.metrics import PLOT_FILE, MetricsWriter, Progress, memory_gib, plot_loss
 from muse_lm.training.optim import WarmupCosine, build_optimizer, build_scheduler
 from muse_lm.training.options import RunResult
@@ -93,7 +94,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.engine = DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        stability = stability or StabilityConfig()
+        # lag >= 1: health is read on the host `lag` steps late, and the skip of an unhealthy
+        # update happens on the device through the fused AdamW's `found_inf` (see stability.py).
+        self._lag = stability.resolved_lag(self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.device, fused=self._lag > 0 or None)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         # Global batch of one micro-step: micro_batch rows per rank (see PackedBatches).
         self.batches = PackedBatches(train_tokens, seq_len=cfg.seq_len,
@@ -114,7 +119,8 @@ class Trainer:
         # Stability: the monitor judges each step, the policy escalates, snapshots back rollbacks.
         # `data_offset` shifts the batch index after a rollback so the batches that led to the
         # trouble are skipped (0 in a run without rollbacks: exact resume is unchanged).
-        self.monitor = StabilityMonitor(stability or StabilityConfig())
+        self.monitor = StabilityMonitor(stability)
+        self._reader = LaggedReader()
         self.monitor.attach(self.model)
         self.events = EventLog(self.run_dir / EVENTS_FILE) if self.dist.is_main else None
         self.policy = RecoveryPolicy(recovery, monitor=self.monitor, events=self.events)
@@ -136,7 +142,7 @@ class Trainer:
     def _new_window(self) -> None:
         # Sums of (loss, ce, aux) over the micro-batches since the last log line, on the device.
         self._window_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
-        self._window_steps = 0
+        self._window_applied = torch.zeros((), dtype=torch.float32, device=self.device)  # updates applied
 
     def train_state(self) -> dict:
         """Everything besides the weights that exact resume needs. Collective: every rank must
@@ -149,7 +155,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "elapsed_s": self.elapsed_s,
             "evals": dict(self.evals),
-            "log_window": {"sums": self._window_sums.detach().cpu(), "steps": self._window_steps},
+            "log_window": {"sums": self._window_sums.detach().cpu(), "steps": float(self._window_applied)},
             "data_offset": self.data_offset,
             "stability": self.monitor.state_dict(),
             "recovery": self.policy.state_dict(),
@@ -184,7 +190,7 @@ class Trainer:
                         "the seed", len(rngs), self.dist.world_size)
         window = state["log_window"]
         self._window_sums = window["sums"].to(self.device)
-        self._window_steps = int(window["steps"])
+        self._window_applied = torch.tensor(float(window["steps"]), device=self.device)
         self.latest_checkpoint = ckpt.path
         # Checkpoints written before the stability ladder existed lack these keys.
         self.data_offset = int(state.get("data_offset", 0))
@@ -198,8 +204,9 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step at `self.step`; returns the pre-clip grad norm (a device tensor).
 
-        The monitor judges the step (one host sync) before `optimizer.step()`; an unhealthy
-        step is not applied and the recovery policy decides what else to do."""
+        An unhealthy step is never applied. With lag 0 (CPU) the monitor judges the step at once
+        and the policy acts before the next step; with lag >= 1 (CUDA) the device decides the
+        skip and the host reads the verdict `lag` steps later, without a sync, then acts."""
         self.engine.train()
         step = self.step
         self.faults.before_step(step, self.model)
@@ -231,6 +238,14 @@ class Trainer:
         if self.dist.enabled:
             # Ranks see different losses: decide on the mean so every rank takes the same action.
             mean_loss = all_reduce_sum(mean_loss.clone(), self.dist) / self.dist.world_size
+        if self._lag == 0:
+            self._judge_now(step, mean_loss, grad_norm, step_sums)
+        else:
+            self._judge_later(step, mean_loss, grad_norm, step_sums)
+        return grad_norm
+
+    def _judge_now(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
+                   step_sums: torch.Tensor) -> None:
         verdict = self.monitor.observe(step, mean_loss, grad_norm, self.model)
         suspects = [] if verdict.healthy else self.monitor.suspect_layers(self.model)
         decision = self.policy.step(verdict, suspects)
@@ -238,17 +253,80 @@ class Trainer:
         if decision.apply_update:
             self.optimizer.step()
             self._window_sums += step_sums
-            self._window_steps += 1
+            self._window_applied += 1
+        self._end_step()
+        self._after_verdicts([(verdict, decision)])
+
+    def _judge_later(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
+                     step_sums: torch.Tensor) -> None:
+        """The device flags the step against the monitor's current limits and the fused AdamW
+        skips a flagged update (`found_inf`); the numbers go to the lagged reader, and the
+        verdicts of steps <= step - lag are judged now."""
+        limits = self.monitor.limits()
+        flag = self.monitor.device_flag(mean_loss, grad_norm, limits)
+        parts = [torch.stack([mean_loss.float().reshape(()), grad_norm.float().reshape(()), flag])]
+        layer_names, act_names = [], []
+        if step % self.monitor.config.stats_every == 0:
+            layer_names, layer_values = self.monitor.layer_stats_tensor(self.model)
+            act_names, act_values = self.monitor.take_activations()
+            parts.append(layer_values.reshape(-1).float())
+            if act_values is not None:
+                parts.append(act_values.reshape(-1).float())
+        self.monitor.stop_collecting()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.found_inf = flag
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self._window_sums += torch.where(flag > 0, torch.zeros_like(step_sums), step_sums)
+        self._window_applied += 1 - flag
+        self._reader.push(step, torch.cat(parts), meta=(limits, layer_names, act_names))
+        judged = [self._judge_entry(entry) for entry in self._reader.ready(step - self._lag)]
+        self._end_step()
+        self._after_verdicts(judged)
+
+    def _judge_entry(self, entry) -> tuple:
+        """(verdict, decision) for one lagged entry (see `_judge_later`)."""
+        values = entry.values.tolist()
+        limits, layer_names, act_names = entry.meta
+        verdict = self.monitor.judge(entry.step, values[0], values[1], limits=limits, flagged=values[2] > 0)
+        if verdict.healthy and layer_names:
+            n = len(layer_names)
+            rows = [values[3 + 2 * i: 5 + 2 * i] for i in range(n)]
+            self.monitor.fold_baselines(self.monitor.stats_from_rows(layer_names, rows))
+            if act_names:
+                self.monitor.forward_stats = dict(zip(act_names, values[3 + 2 * n:]))
+        # Gradients present now are the next step's (or none, when draining): weights single out
+        # a blown-up layer either way.
+        suspects = [] if verdict.healthy else self.monitor.suspect_layers(self.model)
+        return verdict, self.policy.step(verdict, suspects)
+
+    def _end_step(self) -> None:
         self.scheduler.step()
-        self._scale_lr(decision.lr_scale)
+        self._scale_lr(self.policy.lr_scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._last_healthy = verdict.healthy
-        if decision.action is not None:
-            self._act(decision)
-        else:
-            self.snapshots.update(self.step, True, self._capture)
-        return grad_norm
+
+    def _after_verdicts(self, judged: list[tuple]) -> None:
+        """Snapshots and ladder actions for the verdicts just reached, oldest first. The state
+        now is `self.step`; a verdict on step s vouches for the state after s + 1 updates."""
+        for verdict, decision in judged:
+            self._last_healthy = verdict.healthy
+            if decision.action is not None:
+                before = self.step
+                self._act(decision)
+                if self.step != before:
+                    break  # rolled back: the later verdicts were about steps it undid
+            else:
+                verified = verdict.step + 1
+                self.snapshots.update(verified, True, self._capture, ahead=self.step - verified)
+
+    def _drain(self) -> None:
+        """Judges every step still waiting in the lagged reader (one sync; before checkpoints
+        and at the end, so a checkpoint only ever holds verified steps)."""
+        if self._lag and len(self._reader):
+            self._after_verdicts([self._judge_entry(e) for e in self._reader.ready(self.step)])
 
     def _scale_lr(self, factor: float) -> None:
         # LambdaLR recomputes lr = base * lambda(step) on every step, so a cut lasts exactly as
@@ -319,6 +397,7 @@ class Trainer:
         self.data_offset += now - target
         self.step = target
         self.snapshots.pending = None
+        self._reader.clear()
         self._new_window()
         if self._progress is not None:
             self._progress.advance(target - now)
@@ -371,6 +450,8 @@ class Trainer:
             # A checkpoint is written only after a healthy step (a due one waits for the next):
             # the ladder falls back to checkpoints, so they must hold good states.
             due_ckpt = due_ckpt or self.step % ckpt_every == 0
+            if due_ckpt or self.step == stop:
+                self._drain()  # may roll back: then the step is no longer `stop`
             if (due_ckpt and self._last_healthy) or self.step == stop:
                 self.save(progress)
                 due_ckpt = False
@@ -384,11 +465,13 @@ class Trainer:
 
     def _log(self, grad_norm: torch.Tensor, window_s: float, progress: Progress) -> None:
         """Writes one metrics line: means over the window since the last line (one host sync)."""
-        steps = self._window_steps
+        # The applied-update count is the same on every rank (one decision for all).
+        packed = torch.cat([all_reduce_sum(self._window_sums.clone(), self.dist),
+                            self._window_applied.reshape(1)]).tolist()
+        steps = packed[3]
         if steps == 0:  # every step of the window was skipped by the recovery ladder
             return
-        sums = all_reduce_sum(self._window_sums.clone(), self.dist)
-        means = (sums / (steps * self.cfg.grad_accum * self.dist.world_size)).tolist()
+        means = [x / (steps * self.cfg.grad_accum * self.dist.world_size) for x in packed[:3]]
         self._new_window()
         if not self.dist.is_main:
             return
