@@ -17,6 +17,8 @@ import os
 import sys
 from typing import NoReturn
 
+from muse_lm.bench_quality import add_bench_parser
+from muse_lm.convert import add_convert_parser
 from muse_lm.errors import MuseUserError
 
 log = logging.getLogger("muse_lm")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print one JSON line on stdout")
     p.set_defaults(func=cmd_estimate)
+    add_convert_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

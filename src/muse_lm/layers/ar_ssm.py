@@ -38,7 +38,8 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         max_rank: R, rank of the state per head (h_t is R x head_dim).
         min_rank: components [0, min_rank) are never gated off.
         num_heads: H; head_dim = expand * D / H.
-        gate_mode: "soft" | "ste" | "gumbel" (see `set_gate_mode`).
+        gate_mode: "soft" | "ste" | "gumbel" | "fixed" (see `rank_gate`); "fixed" keeps every rank on
+            and returns no penalty (the ablation without rank gates).
         gate_l1: weight of the L1 penalty on the mean gate probability (returned, not applied).
     """
 
@@ -143,12 +144,19 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
             self.last_state_rms = ssm.detach().float().pow(2).mean().sqrt()
             self.last_decay_mean = log_a.detach().exp().mean()
         y = self.out_norm(y.to(x.dtype)).reshape(B, T, self.d_inner) * F.silu(self.z_proj(x))
-        prob = torch.sigmoid(gate_logits[..., self.min_rank:])
-        penalty = self.gate_l1 * prob.sum(-1).mean() if prob.numel() else gate_logits.new_zeros(())
+        penalty = self._gate_penalty(gate_logits)
         if self.training:
             self._update_gate_stats(gate)
         new_state = ARSSMState(conv_tail, ssm) if (return_state or state is not None) else None
         return self.out_proj(y), penalty, new_state
+
+    def _gate_penalty(self, gate_logits: torch.Tensor) -> torch.Tensor:
+        """gate_l1 * mean number of open gated ranks; 0 when nothing is gated (fixed mode: all ranks
+        are always on, so there is nothing for an L1 penalty to close)."""
+        prob = torch.sigmoid(gate_logits[..., self.min_rank:])
+        if self.gate_mode == "fixed" or not prob.numel():
+            return gate_logits.new_zeros(())
+        return self.gate_l1 * prob.sum(-1).mean()
 
     @torch.no_grad()
     def _update_gate_stats(self, gate: torch.Tensor) -> None:

@@ -81,6 +81,9 @@ class HTTEmbedding(nn.Module):
             for k, (v, d) in enumerate(zip(self.vocab_factors, self.dim_factors)))
         self.init_std = init_std
         self.conversion_error: float | None = None  # set by from_embedding (TT-SVD)
+        # Optional id permutation (`set_id_permutation`): id_map[id] = the TT row holding token id.
+        # None (the default) is the identity and is not saved in the state dict.
+        self.register_buffer("id_map", None)
         self.reset_parameters()
 
     @classmethod
@@ -104,6 +107,41 @@ class HTTEmbedding(nn.Module):
         emb.conversion_error = error
         return emb
 
+    def set_id_permutation(self, permutation: torch.Tensor | None) -> None:
+        """Serve token ids through a permutation of the TT rows (`muse_lm.convert` reorders rows).
+
+        Row order matters to a tensor train (rows that share a leading digit share a core slice),
+        so a table may be factorized in another order. With `permutation[new] = old` (the TT row
+        `new` holds token `old`), lookup, loss, logits and `dense_weight` all speak original ids:
+        the module stores `id_map = argsort(permutation)` (old id -> TT row) and maps ids, targets
+        and logit columns through it. `None` restores the identity.
+
+        Args:
+            permutation: `[V]` int64, a permutation of 0..V-1, or None.
+        """
+        if permutation is None:
+            self.id_map = None
+            return
+        permutation = torch.as_tensor(permutation)
+        expected = torch.arange(self.vocab_size, device=permutation.device)
+        if (permutation.shape != (self.vocab_size,) or permutation.dtype.is_floating_point
+                or not torch.equal(permutation.sort().values.long(), expected)):
+            raise ValueError(f"HTTEmbedding.set_id_permutation: need a permutation of 0..{self.vocab_size - 1} "
+                             f"(shape [{self.vocab_size}], integer), got shape {tuple(permutation.shape)}, "
+                             f"dtype {permutation.dtype}")
+        self.id_map = torch.argsort(permutation.long()).to(self.cores[0].device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A saved permuted module carries `id_map`; adopt it even if this one was built without,
+        # so the usual `HTTEmbedding(...).load_state_dict(saved)` round trip works.
+        key = prefix + "id_map"
+        if key in state_dict and self.id_map is None:
+            self.id_map = torch.empty_like(state_dict[key], device=self.cores[0].device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _map_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.id_map is None else self.id_map[ids]
+
     def reset_parameters(self) -> None:
         # An entry is a sum over prod(inner ranks) products of K independent core entries, so its
         # variance is prod(sigma_k^2) * prod(r): pick equal sigma_k that give init_std overall.
@@ -114,19 +152,25 @@ class HTTEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] int64 -> [..., D]."""
-        return tt_embedding(ids, list(self.cores))
+        return tt_embedding(self._map_ids(ids), list(self.cores))
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
         """Fused tied-head cross-entropy. h [..., D], targets [...]."""
+        if self.id_map is not None:
+            # Only real ids are mapped: ignore_index (and any bad id) reaches the op unchanged.
+            real = (targets >= 0) & (targets < self.vocab_size)
+            targets = torch.where(real, self.id_map[targets.clamp(0, self.vocab_size - 1)], targets)
         return tt_linear_cross_entropy(h, list(self.cores), targets, vocab_size=self.vocab_size, **kwargs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] -> [..., V], computed block by block from the cores."""
-        return tt_logits(h, list(self.cores), vocab_size=self.vocab_size)
+        out = tt_logits(h, list(self.cores), vocab_size=self.vocab_size)
+        return out if self.id_map is None else out[..., self.id_map]
 
     def dense_weight(self) -> torch.Tensor:
         """The full [V, D] table (tests, conversion); the model itself never calls this."""
-        return tt_reconstruct(list(self.cores), 0, self.vocab_size)
+        table = tt_reconstruct(list(self.cores), 0, self.vocab_size)
+        return table if self.id_map is None else table[self.id_map]
 
     def num_parameters(self) -> int:
         return sum(c.numel() for c in self.cores)

@@ -100,8 +100,23 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
+        # As MuseLM: range-checking ids costs a host sync on CUDA; the trainer checks its data once
+        # (`validate_ids`) and turns this off.
+        self.check_ids = True
+
+    def validate_ids(self, ids: torch.Tensor) -> None:
+        """Raises ValueError naming the first id outside [0, vocab_size) (MuseLM's contract)."""
+        if ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
+        V = self.config.vocab_size
+        bad = (ids < 0) | (ids >= V)
+        if ids.numel() and bool(bad.any()):
+            raise ValueError(f"token id {int(ids[bad].flatten()[0])} is outside the vocabulary [0, {V}) "
+                             f"(model vocab_size={V}); use the tokenizer the model was trained with")
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None, *, return_parts: bool = False):
+        if self.check_ids:
+            self.validate_ids(ids)
         x = self.embed(ids)
         for block in self.blocks:
             use_ckpt = self.gradient_checkpointing and self.training
