@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Mapping
@@ -82,6 +83,25 @@ def cli_env(tmp_cache: Path) -> dict:
     env = {**os.environ, "MUSE_CACHE_DIR": str(tmp_cache)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
     return env
+
+
+@pytest.fixture(scope="session")
+def interpreter_run():
+    """Runs a test file again in a child pytest with TRITON_INTERPRET=1 and asserts it passed.
+
+    Triton reads TRITON_INTERPRET when its kernels are defined, so a file's interpreter tests
+    run in a child process (where they are not skipped) started by its parent test."""
+
+    def run(test_file: str) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+    return run
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,10 +6,6 @@ child pytest process started with TRITON_INTERPRET=1 (`test_interpreter_suite`);
 they are skipped.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,19 +33,8 @@ def _cores(v, d, r, seed):
 
 
 @pytest.mark.skipif(interpreter_enabled(), reason="this is the parent of the interpreter run")
-def test_interpreter_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+def test_interpreter_suite(interpreter_run):
+    interpreter_run(__file__)
 
 
 @interp

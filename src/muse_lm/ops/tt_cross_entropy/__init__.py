@@ -1,8 +1,11 @@
 """Fused linear + cross-entropy heads that never hold N x V logits (or a V x D TT table).
 
 `tt_linear_cross_entropy` (tied TT head), `linear_cross_entropy` (dense head) and
-`tt_logits` (blocked logits for generation). validate -> dispatch (`impl`) -> reference; no
-Triton kernel exists yet, so every device runs the pure-torch reference (`reference.py`).
+`tt_logits` (blocked logits for generation). validate -> dispatch (`impl`) -> kernel or reference.
+
+Triton kernels: `triton_tt.py` (TT head, K = 2 cores) and `triton_dense.py` (dense head), for
+fp32 / bf16 / fp16 inputs; fp64 inputs and K = 3 heads run the pure-torch reference
+(`reference.py`) on every device, and asking for impl="triton" there is an error.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from muse_lm.ops._dispatch import resolve_impl
@@ -76,6 +80,20 @@ def _check_loss_args(
             )
 
 
+def _has_fp64(*tensors: Tensor) -> bool:
+    """fp64 inputs keep the fp64 reference (the kernels compute in fp32)."""
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def _autocast(*tensors: Tensor) -> list[Tensor]:
+    """Under CUDA autocast the kernels take the autocast dtype (bf16 tensor-core products with fp32
+    accumulation), as F.linear would; the casts carry the gradients back to fp32 parameters."""
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return [t.to(dtype) for t in tensors]
+    return list(tensors)
+
+
 def tt_linear_cross_entropy(
     h: Tensor,
     cores: Sequence[Tensor],
@@ -108,7 +126,9 @@ def tt_linear_cross_entropy(
         targets: `[...]` (= h.shape[:-1]) integer targets in [0, vocab_size) or ignore_index.
             The range is checked only for CPU tensors (a CUDA check would force a host sync).
         vocab_size: V <= prod v_k.
-        impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`).
+        block_size: vocab rows per block of the torch reference (the kernels choose their own tiles).
+        impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`): None runs the
+            fused Triton kernel on CUDA (K = 2, non-fp64), the reference otherwise.
 
     Example:
         >>> cores = [torch.randn(7, 1, 3, 4), torch.randn(5, 4, 4, 1)]
@@ -122,7 +142,15 @@ def tt_linear_cross_entropy(
     _check_h(h, math.prod(width_factors), cores[0].device, op)
     _check_loss_args(h, targets, vocab_size, ignore_index, reduction, z_loss, op)
     _check_block_size(block_size, op)
-    resolve_impl(op, impl, h, targets, *cores, has_triton_kernel=False)
+    kernel = len(cores) == 2 and not _has_fp64(h, *cores)
+    if resolve_impl(op, impl, h, targets, *cores, has_triton_kernel=kernel) == "triton":
+        from muse_lm.ops.tt_cross_entropy.triton_tt import tt_linear_cross_entropy_triton  # Triton is optional
+
+        h, *cores = _autocast(h, *cores)
+        loss = tt_linear_cross_entropy_triton(
+            h.reshape(-1, h.shape[-1]), cores, targets.reshape(-1), vocab_size=vocab_size,
+            ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
+        return loss.reshape(targets.shape) if reduction == "none" else loss
     return tt_linear_cross_entropy_ref(
         h,
         cores,
@@ -164,7 +192,15 @@ def linear_cross_entropy(
     _check_h(h, weight.shape[1], weight.device, op)
     _check_loss_args(h, targets, weight.shape[0], ignore_index, reduction, z_loss, op)
     _check_block_size(block_size, op)
-    resolve_impl(op, impl, h, targets, weight, has_triton_kernel=False)
+    kernel = not _has_fp64(h, weight)
+    if resolve_impl(op, impl, h, targets, weight, has_triton_kernel=kernel) == "triton":
+        from muse_lm.ops.tt_cross_entropy.triton_dense import linear_cross_entropy_triton  # Triton is optional
+
+        h, weight = _autocast(h, weight)
+        loss = linear_cross_entropy_triton(
+            h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index=ignore_index,
+            reduction=reduction, z_loss=z_loss)
+        return loss.reshape(targets.shape) if reduction == "none" else loss
     return linear_cross_entropy_ref(
         h,
         weight,
