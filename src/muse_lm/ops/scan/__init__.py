@@ -106,7 +106,9 @@ def bk_resolvent(v: Tensor, z: Tensor, *, impl: str | None = None) -> Tensor:
     Args:
         v: [B,T,K] real potentials (fp32/fp64; bf16/fp16 are computed in fp32), one column per head.
         z: [K] complex64/complex128 with Im z > 0.
-        impl: None | "torch" | "triton".
+        impl: None | "torch" | "triton". None uses the Triton kernel (`bk_triton.py`) for CUDA
+            tensors in fp32 math (v fp32/bf16/fp16, z complex64); fp64 v or complex128 z always run
+            on the reference, and impl="triton" with them raises NotImplementedError.
     Returns:
         G [B,T,K]: complex64 for fp32 v, complex128 for fp64 v (or complex128 z). |G_t| <= 1/Im z.
         The per-token log-det log|det(H_{1..t}-z)/det(H_{1..t-1}-z)| is -log|G_t| (`-G.abs().log()`).
@@ -120,8 +122,20 @@ def bk_resolvent(v: Tensor, z: Tensor, *, impl: str | None = None) -> Tensor:
     if v.ndim != 3 or v.shape[1] < 1:
         raise ValueError(f"{op}: v must be [B,T,K] with T >= 1, got shape {tuple(v.shape)}")
     _check_z(op, z, v.shape[2], v)
-    resolve_impl(op, impl, v, z, has_triton_kernel=False)
-    return bk_resolvent_reference(v, z)
+    # The kernel computes in fp32/complex64; fp64 (or complex128 z) stays on the reference.
+    fp32_math = v.dtype != torch.float64 and z.dtype == torch.complex64
+    if impl == "triton" and not fp32_math:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel computes in fp32/complex64 but got v {v.dtype} and z {z.dtype}; "
+            "pass impl='torch' (or impl=None, which routes fp64 to the reference) or convert v to float32 "
+            "and z to complex64"
+        )
+    if resolve_impl(op, impl, v, z, has_triton_kernel=fp32_math) == "torch":
+        return bk_resolvent_reference(v, z)
+    # Imported here: Triton is optional, and its interpreter reads TRITON_INTERPRET at kernel definition.
+    from muse_lm.ops.scan.bk_triton import bk_resolvent_triton
+
+    return bk_resolvent_triton(v, z)
 
 
 def bk_resolvent_step(v_t: Tensor, z: Tensor, g_prev: Tensor | None, *, impl: str | None = None) -> Tensor:
