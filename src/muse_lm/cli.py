@@ -1,4 +1,4 @@
-"""The `muse` command: train, generate, eval, presets, estimate.
+"""The `muse` command: train, generate, eval, presets, estimate, convert, bench, serve.
 
 Results go to stdout (with `--json`: exactly one single-line JSON object); progress, logs and
 warnings go to stderr. Every user mistake exits with code 2 and one line
@@ -20,6 +20,7 @@ from typing import NoReturn
 from muse_lm.bench_quality import add_bench_parser
 from muse_lm.convert import add_convert_parser
 from muse_lm.errors import MuseUserError
+from muse_lm.serving.cli import add_serve_parser
 
 log = logging.getLogger("muse_lm")
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
     add_convert_parser(sub)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
