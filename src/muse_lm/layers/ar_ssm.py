@@ -30,13 +30,36 @@ class ARSSMState:
     ssm: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PruneReport:
+    """What `prune_ranks` removed from one layer.
+
+    kept / removed: original rank indices (ascending) of the components kept / removed; gate_means:
+    each original component's running mean gate at pruning time (by index, before pruning).
+    """
+
+    threshold: float
+    rank_before: int
+    rank_after: int
+    kept: tuple[int, ...]
+    removed: tuple[int, ...]
+    gate_means: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "rank_before": self.rank_before, "rank_after": self.rank_after,
+                "kept": list(self.kept), "removed": list(self.removed), "gate_means": list(self.gate_means)}
+
+
 class AdaptiveRankSemiseparableLayer(nn.Module):
     """x [B, T, D] -> (y [B, T, D], gate_penalty scalar, state | None).
 
     Args:
         d_model: D.
-        max_rank: R, rank of the state per head (h_t is R x head_dim).
-        min_rank: components [0, min_rank) are never gated off.
+        max_rank: rank of the state per head as configured; it also fixes the 1/sqrt(max_rank) scale of
+            v, so a pruned layer keeps computing the same function.
+        min_rank: components [0, min_rank) are never gated off (and never pruned).
+        rank: R, the number of rank components the layer holds now (h_t is R x head_dim); None means
+            max_rank. Smaller after `prune_ranks`; a pruned model is rebuilt from its config with it.
         num_heads: H; head_dim = expand * D / H.
         gate_mode: "soft" | "ste" | "gumbel" | "fixed" (see `rank_gate`); "fixed" keeps every rank on
             and returns no penalty (the ablation without rank gates).
@@ -46,20 +69,24 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
     def __init__(self, d_model: int, max_rank: int = 32, min_rank: int = 4, *, num_heads: int = 4,
                  expand: int = 2, conv_size: int = 4, chunk_size: int = 64, gate_mode: str = "soft",
                  gumbel_temperature: float = 1.0, gate_l1: float = 1e-4, stats_momentum: float = 0.99,
-                 init_std: float = 0.02, out_init_std: float | None = None):
+                 init_std: float = 0.02, out_init_std: float | None = None, rank: int | None = None):
         super().__init__()
         if not 0 <= min_rank <= max_rank:
             raise ValueError(f"min_rank={min_rank} must be in [0, max_rank={max_rank}]")
+        rank = max_rank if rank is None else rank
+        if not max(min_rank, 1) <= rank <= max_rank:
+            raise ValueError(f"rank={rank} must be in [max(min_rank, 1)={max(min_rank, 1)}, max_rank={max_rank}]: "
+                             "pruning never removes the always-on components nor the last one")
         if (expand * d_model) % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide expand*d_model={expand * d_model}")
-        self.d_model, self.max_rank, self.min_rank = d_model, max_rank, min_rank
+        self.d_model, self.max_rank, self.min_rank, self.rank = d_model, max_rank, min_rank, rank
         self.num_heads, self.d_inner = num_heads, expand * d_model
         self.head_dim = self.d_inner // num_heads
         self.conv_size, self.chunk_size = conv_size, chunk_size
         self.gate_l1, self.stats_momentum = gate_l1, stats_momentum
         self.set_gate_mode(gate_mode, gumbel_temperature=gumbel_temperature)
 
-        H, R = num_heads, max_rank
+        H, R = num_heads, rank
         self.conv = nn.Conv1d(d_model, d_model, conv_size, groups=d_model, bias=True)
         # One matmul for values, keys (u), queries (v), decay step and gate logits.
         self._splits = (self.d_inner, H * R, H * R, H, R)
@@ -121,14 +148,15 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
         """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state)."""
         B, T, _ = x.shape
-        H, R, P = self.num_heads, self.max_rank, self.head_dim
+        H, R, P = self.num_heads, self.rank, self.head_dim
         xc, conv_tail = self._conv(x, state)
         vals, u, v, dt, g = self.in_proj(xc).split(self._splits, dim=-1)
         gate_logits = g.float() + self.gate_bias
         gate = rank_gate(gate_logits, self.gate_mode, training=self.training,
                          temperature=self.gumbel_temperature, min_rank=self.min_rank).to(u.dtype)
         u = u.view(B, T, H, R) * gate.unsqueeze(2)
-        v = v.view(B, T, H, R) * (gate.unsqueeze(2) * R**-0.5)
+        # Scaled by the configured max_rank, not R: pruning must not rescale the kept components.
+        v = v.view(B, T, H, R) * (gate.unsqueeze(2) * self.max_rank**-0.5)
         log_a = -torch.exp(self.A_log.float()) * F.softplus(dt.float() + self.dt_bias.float())
         vals = vals.view(B, T, H, P)
         prev = state.ssm if state is not None else None
@@ -161,5 +189,59 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
     @torch.no_grad()
     def _update_gate_stats(self, gate: torch.Tensor) -> None:
         # In-place EMA on the device: no host sync.
-        mean = gate.detach().float().reshape(-1, self.max_rank).mean(0)
+        mean = gate.detach().float().reshape(-1, self.rank).mean(0)
         self.gate_mean.mul_(self.stats_momentum).add_(mean, alpha=1 - self.stats_momentum)
+
+    @torch.no_grad()
+    def prune_ranks(self, threshold: float) -> PruneReport:
+        """Removes the rank components whose running mean gate (`gate_mean`) is below `threshold`.
+
+        Their rows leave the u and v projections and the gate logits (and `gate_bias`, `gate_mean`),
+        so the layer afterwards runs at the smaller rank: the scan's state is [B, H, rank, P]. The kept
+        components keep their weights, gate and order, so the output equals the unpruned layer's with
+        the removed components' gates forced to 0. Components [0, min_rank) are always on and are
+        never removed. The module's parameters are replaced: build optimizers after pruning.
+
+        Raises:
+            ValueError: see `plan_pruning`; the layer is then left unchanged.
+        """
+        report = self.plan_pruning(threshold)
+        if report.removed:
+            self._keep_components(torch.tensor(report.kept, dtype=torch.long, device=self.gate_mean.device))
+        return report
+
+    def plan_pruning(self, threshold: float) -> PruneReport:
+        """What `prune_ranks(threshold)` would do, changing nothing.
+
+        Raises:
+            ValueError: threshold not a number in [0, 1], or it would remove every component (possible
+                only with min_rank=0); a threshold at most the largest mean gate keeps that one.
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold={threshold!r} must be a number in [0, 1] (a mean gate probability)")
+        means = self.gate_mean.detach().to("cpu", torch.float64)  # copied: the buffer is never changed here
+        drop = means < threshold
+        drop[: self.min_rank] = False  # always on (gate 1), whatever the statistics say
+        if bool(drop.all()):
+            raise ValueError(f"threshold={threshold} would remove all {self.rank} rank components (largest "
+                             f"mean gate {float(means.max()):.4g}); use a threshold at most that value")
+        kept, removed = (~drop).nonzero().flatten().tolist(), drop.nonzero().flatten().tolist()
+        return PruneReport(float(threshold), self.rank, len(kept), tuple(kept), tuple(removed), tuple(means.tolist()))
+
+    def _keep_components(self, keep: torch.Tensor) -> None:
+        """Shrinks the weights to the rank components `keep` (ascending indices into [0, rank))."""
+        H, R, d_inner = self.num_heads, self.rank, self.d_inner
+        dev = keep.device
+        per_head = (torch.arange(H, device=dev).unsqueeze(1) * R + keep).flatten()  # u/v rows h * R + r
+        # in_proj rows: [values (d_inner) | u (H*R) | v (H*R) | dt (H) | gate logits (R)].
+        rows = torch.cat([torch.arange(d_inner, device=dev), d_inner + per_head, d_inner + H * R + per_head,
+                          d_inner + 2 * H * R + torch.arange(H, device=dev), d_inner + 2 * H * R + H + keep])
+        old = self.in_proj.weight
+        self.in_proj = nn.Linear(self.d_model, rows.numel(), bias=False, device=old.device, dtype=old.dtype)
+        self.in_proj.weight.copy_(old.index_select(0, rows.to(old.device)))
+        self.in_proj.weight.requires_grad_(old.requires_grad)
+        self.gate_bias = nn.Parameter(self.gate_bias.detach()[keep].clone(),
+                                      requires_grad=self.gate_bias.requires_grad)
+        self.gate_mean = self.gate_mean[keep].clone()  # a registered buffer: assignment keeps it one
+        self.rank = int(keep.numel())
+        self._splits = (d_inner, H * self.rank, H * self.rank, H, self.rank)

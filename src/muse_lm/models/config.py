@@ -39,6 +39,9 @@ class MuseConfig:
     gate_mode: str = "soft"
     gumbel_temperature: float = 1.0
     gate_l1: float = 1e-4
+    # Rank each block's AR-SSM holds, one per layer (set by `MuseLM.prune_ranks`); None: max_rank
+    # everywhere. max_rank still fixes the shapes' upper bound and v's 1/sqrt(max_rank) scale.
+    ranks: list[int] | None = None
     # BK spectral features: number of BK heads (0 turns the features off).
     bk_heads: int = 4
     # SwiGLU hidden width = ffn_mult * d_model, rounded up to a multiple of 64.
@@ -60,6 +63,7 @@ class MuseConfig:
                  self.min_rank, f"must be an integer in [0, max_rank={self.max_rank}]")
         _require((self.ssm_expand * self.d_model) % self.n_heads == 0, "n_heads", self.n_heads,
                  f"must divide ssm_expand * d_model = {self.ssm_expand * self.d_model}")
+        self._check_ranks()
         _require(self.gate_mode in GATE_MODES, "gate_mode", self.gate_mode, f"use one of {GATE_MODES}")
         _require(self.gumbel_temperature > 0, "gumbel_temperature", self.gumbel_temperature,
                  "must be > 0")
@@ -71,6 +75,22 @@ class MuseConfig:
         _require(self.tt_cores in (2, 3), "tt_cores", self.tt_cores, "HTT supports 2 or 3 cores")
         _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "must be > 0")
+
+    def _check_ranks(self) -> None:
+        if self.ranks is None:
+            return
+        lo = max(self.min_rank, 1)
+        fix = (f"must be None or a list of n_layers={self.n_layers} integers in [max(min_rank, 1)={lo}, "
+               f"max_rank={self.max_rank}] (the rank of each block after pruning)")
+        _require(isinstance(self.ranks, (list, tuple)) and len(self.ranks) == self.n_layers, "ranks",
+                 self.ranks, fix)
+        _require(all(isinstance(r, int) and not isinstance(r, bool) and lo <= r <= self.max_rank
+                     for r in self.ranks), "ranks", self.ranks, fix)
+        self.ranks = list(self.ranks)  # JSON round trips give lists; keep equal configs equal
+
+    def layer_rank(self, index: int) -> int:
+        """The rank block `index` holds: ranks[index], or max_rank when ranks is None."""
+        return self.max_rank if self.ranks is None else self.ranks[index]
 
     @property
     def head_dim(self) -> int:

@@ -21,6 +21,7 @@ from muse_lm.layers import (
     RMSNorm,
     SwiGLU,
 )
+from muse_lm.layers.ar_ssm import PruneReport
 from muse_lm.models.config import MuseConfig
 from muse_lm.models.generation import GenerationMixin
 from muse_lm.models.pretrained import read_model_dir, save_model_dir
@@ -35,7 +36,8 @@ class BlockState:
 
 
 class MuseBlock(nn.Module):
-    def __init__(self, cfg: MuseConfig):
+    def __init__(self, cfg: MuseConfig, index: int = 0):
+        """Block `index` of the model (its AR-SSM rank is `cfg.layer_rank(index)`)."""
         super().__init__()
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -43,7 +45,7 @@ class MuseBlock(nn.Module):
             cfg.d_model, cfg.max_rank, cfg.min_rank, num_heads=cfg.n_heads, expand=cfg.ssm_expand,
             conv_size=cfg.conv_size, chunk_size=cfg.chunk_size, gate_mode=cfg.gate_mode,
             gumbel_temperature=cfg.gumbel_temperature, gate_l1=cfg.gate_l1, init_std=cfg.init_std,
-            out_init_std=out_std)
+            out_init_std=out_std, rank=cfg.layer_rank(index))
         self.bk = (BKSpectralFeatures(cfg.d_model, cfg.bk_heads, init_std=cfg.init_std, out_init_std=out_std)
                    if cfg.bk_heads > 0 else None)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -82,7 +84,7 @@ class MuseLM(GenerationMixin, nn.Module):
                                       init_std=config.init_std)
         else:
             self.embed = DenseTiedEmbedding(config.vocab_size, config.d_model, init_std=config.init_std)
-        self.blocks = nn.ModuleList(MuseBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(MuseBlock(config, i) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
         # Range-checking ids costs a host sync on CUDA; the trainer checks its data once and turns this off.
@@ -147,6 +149,24 @@ class MuseLM(GenerationMixin, nn.Module):
 
     def effective_ranks(self) -> list[float]:
         return [float(b.mixer.effective_rank()) for b in self.blocks]
+
+    def prune_ranks(self, threshold: float) -> list[PruneReport]:
+        """Prunes every block's AR-SSM at `threshold` (see `AdaptiveRankSemiseparableLayer.prune_ranks`)
+        and records the ranks left in `config.ranks`, so the model saves and loads at its new shape.
+
+        Every layer is checked before any is changed: a threshold that would empty one layer raises
+        ValueError and leaves the whole model as it was. Build optimizers after pruning.
+        """
+        for i, block in enumerate(self.blocks):
+            try:
+                block.mixer.plan_pruning(threshold)
+            except ValueError as err:
+                raise ValueError(f"block {i}: {err}") from None
+        reports = [block.mixer.prune_ranks(threshold) for block in self.blocks]
+        # In place, like set_gate_mode: whoever holds this config sees the model's real shape.
+        self.config.ranks = [r.rank_after for r in reports]
+        self.config.__post_init__()
+        return reports
 
     # ---- sizes ---------------------------------------------------------------------------------
     def num_parameters(self, exclude_embedding: bool = False) -> int:

@@ -13,7 +13,7 @@ from muse_lm.models.config import MuseConfig
 from muse_lm.training.config import TrainConfig
 
 # Fields that cannot be given as a scalar on the command line.
-_NOT_SETTABLE = {"extra"}
+_NOT_SETTABLE = {"extra", "ranks"}  # ranks: set by prune_ranks, not by hand
 
 
 @dataclass
