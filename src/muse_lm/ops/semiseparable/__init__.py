@@ -108,7 +108,12 @@ def semiseparable_scan(
         cu_seqlens: int32/int64 [N+1], 0 = c_0 <= ... <= c_N = T, with B = 1: packed sequences,
             the state restarts at every boundary.
         chunk_size: tokens per chunk of the chunked algorithm (the result does not depend on it).
-        impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`).
+        impl: None | "torch" | "triton". None runs the torch reference on every device for now (the
+            Triton kernel becomes the CUDA default once it has passed the GPU check). "triton" runs
+            `triton.py` (chunked SSD forward and backward; CUDA, or CPU under TRITON_INTERPRET=1) for
+            fp32/bf16/fp16 x, u, v with fp32 log_a and initial_state; fp64 inputs with "triton" raise
+            NotImplementedError. cu_seqlens calls always run on the reference, "triton" included: the
+            kernel has no packed-sequence support yet.
     Returns:
         (y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] in fp32/fp64 or None).
     Example:
@@ -118,7 +123,10 @@ def semiseparable_scan(
         (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 3, 4]))
     """
     _validate_scan(x, u, v, log_a, initial_state, cu_seqlens, chunk_size)
-    resolve_impl("semiseparable_scan", impl, x, u, v, log_a, has_triton_kernel=False)
+    if impl == "triton" and cu_seqlens is None:
+        return _scan_triton(x, u, v, log_a, initial_state, output_final_state, chunk_size)
+    if impl != "triton":  # "triton" with cu_seqlens: the reference (see the docstring)
+        resolve_impl("semiseparable_scan", impl, x, u, v, log_a, has_triton_kernel=False)
     return semiseparable_chunked(
         x,
         u,
@@ -128,6 +136,29 @@ def semiseparable_scan(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk_size,
+    )
+
+
+def _scan_triton(x, u, v, log_a, initial_state, output_final_state, chunk_size):
+    op = "semiseparable_scan"
+    fp32_math = (
+        x.dtype != torch.float64
+        and log_a.dtype == torch.float32
+        and (initial_state is None or initial_state.dtype == torch.float32)
+    )
+    if not fp32_math:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel computes in fp32 but got x {x.dtype}, log_a {log_a.dtype}"
+            + ("" if initial_state is None else f", initial_state {initial_state.dtype}")
+            + "; pass impl='torch' (or impl=None) for fp64, or convert x, u, v to float32/bfloat16 and "
+            "log_a, initial_state to float32"
+        )
+    resolve_impl(op, "triton", x, u, v, log_a, has_triton_kernel=True)
+    # Imported here: Triton is optional, and its interpreter reads TRITON_INTERPRET at kernel definition.
+    from muse_lm.ops.semiseparable.triton import semiseparable_triton
+
+    return semiseparable_triton(
+        x, u, v, log_a, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
     )
 
 

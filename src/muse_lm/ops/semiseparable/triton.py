@@ -1,0 +1,569 @@
+"""Semiseparable (SSD) scan in Triton: chunked forward (three kernels) and backward (four), fp32 states.
+
+Per head h_t = exp(log_a_t) h_{t-1} + u_t x_t^T (R x P), y_t = v_t^T h_t. Split T into chunks of C
+tokens; inside a chunk let cum_t be the inclusive cumulative log-decay from the chunk's first token
+and g = cum_{C-1} (the chunk's total). With S the state entering the chunk:
+
+    Y   = (V U^T o L) X + diag(e^cum) V S,       L[t,s] = exp(cum_t - cum_s) for s <= t, else 0
+    S'  = e^g S + (diag(e^(g - cum)) U)^T X
+
+Every exponent is a difference of cumulative log-decays that is <= 0 (L is masked *before* exp), so
+nothing overflows however strong the decay; exp(+cum) * exp(-cum) is never formed.
+
+Forward, three launches:
+ 1. `_chunk_state_kernel`: each chunk's own contribution (diag(e^(g-cum)) U)^T X  [B,H,NC,R,P] fp32,
+    one program per (chunk, b*h, P-block): fully parallel, a tl.dot per program.
+ 2. `_state_pass_kernel`: the only sequential part, S_{c+1} = e^{g_c} S_c + local_c, elementwise on the
+    R*P state (memory-bound, parallel over b*h and blocks of R*P); overwrites each chunk's local
+    contribution with the state *entering* it and writes the final state.
+ 3. `_chunk_output_kernel`: Y per (chunk, b*h, P-block) from the entering state, three tl.dots.
+Backward (dY, dS_final), the mirror image; the entering states are saved by the forward:
+ 1. the same `_chunk_state_kernel` with weights e^cum gives each chunk's V^T diag(e^cum) dY;
+ 2. the same `_state_pass_kernel` run from the end gives dS'_c, the gradient reaching the state that
+    leaves chunk c (dS'_{c-1} = e^{g_c} dS'_c + V_c^T diag(e^cum) dY_c), and d initial_state;
+ 3. recompute the chunk's products and write dX, dU, dV and d log_a.
+    With A = V U^T o L, dA = dY X^T o L:
+      dX = A^T dY + diag(e^(g-cum)) U dS'
+      dU = dA^T V + diag(e^(g-cum)) X dS'^T
+      dV = dA U   + diag(e^cum) dY S^T
+      dcum_t = sum_s (dA o V U^T)[t,s] - sum_s (dA o V U^T)[s,t]      (through L)
+             + e^cum_t <dY_t, (V S)_t>                                (through e^cum)
+             - w_t,  w_t = e^(g - cum_t) <u_t, dS' x_t>              (through e^(g - cum))
+      dg = e^g <S, dS'> + sum_t w_t, added to dcum_{C-1};  d log_a_j = sum_{t >= j} dcum_t.
+    Two kernels: `_chunk_dx_kernel` per (chunk, b*h, P-block) for dX, and `_chunk_duv_kernel` per
+    (chunk, b*h), which walks P in blocks accumulating the terms that sum over P in registers, so dU,
+    dV, d log_a are written once (no partials, no atomics). Split in two because one kernel doing
+    both spilled registers on sm_90.
+A ragged last chunk is padded by masked loads: u = v = x = dY = 0 and log_a = 0 there, which adds
+nothing and decays nothing, so the padded chunk's g equals its last real token's cumulative decay.
+
+R is kept whole in every program (padded to a power of two >= 16; the output needs all of R), P is
+split in blocks of BP (the state and the output are independent across P). Products accumulate in
+fp32; fp32 inputs multiply exactly ("ieee"), bf16/fp16 inputs are widened to fp32 and multiplied on
+tf32 tensor cores (see `_dot`). Not supported here: cu_seqlens (the public op runs the reference for
+it) and fp64 (the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from muse_lm.ops._dispatch import interpreter_enabled
+
+__all__ = [
+    "CONFIGS",
+    "SSDConfig",
+    "SemiseparableTriton",
+    "default_config",
+    "kernel_chunk",
+    "prune_configs_for",
+    "smem_estimate",
+    "semiseparable_backward",
+    "semiseparable_forward",
+    "semiseparable_triton",
+]
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    """Launch shape of the chunk kernels: BP columns of P per program, warps and pipeline stages."""
+
+    block_p: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        if self.block_p < 16 or self.block_p & (self.block_p - 1):
+            raise ValueError(f"SSDConfig: block_p={self.block_p} must be a power of two >= 16 (tl.dot tiles)")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"SSDConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        if self.num_stages < 1:
+            raise ValueError(f"SSDConfig: num_stages={self.num_stages} must be >= 1")
+
+
+# Declared once: the autotuner's search space on CUDA (each kernel is tuned on its own), each checked
+# against the reference by tests/gpu/test_semiseparable_gpu.py. BP = 16 is for small heads (the tiny
+# preset); in the forward kernels BP = 32 doubles the programs when B*H*chunks is small; BP = 64
+# covers P = head_dim in one block. The backward kernel walks P in blocks of BP (smaller blocks, fewer
+# registers). num_stages stays 1: only the backward has a loop, and it is two or four trips long.
+CONFIGS = (
+    SSDConfig(16, 4, 1),
+    SSDConfig(32, 4, 1),
+    SSDConfig(32, 8, 1),
+    SSDConfig(64, 4, 1),
+    SSDConfig(64, 8, 1),
+)
+_STATE_BLOCK = 256  # elements of the R*P state per program of the state pass (at most)
+_STATE_PROGRAMS = 264  # two per SM of an H100: below this the state pass halves its block (down to 64)
+_MIN_CHUNK, _MAX_CHUNK = 16, 64
+
+
+def kernel_chunk(chunk_size: int) -> int:
+    """The kernel's chunk length for the caller's chunk_size: rounded up to a power of two and clamped
+    to [16, 64] (tl.dot needs >= 16; 128 would quadruple the C x C fp32 tiles of a register-bound kernel).
+    The result of the scan does not depend on the chunk length, so this changes only speed."""
+    return min(_MAX_CHUNK, max(_MIN_CHUNK, triton.next_power_of_2(chunk_size)))
+
+
+def _r_block(r_dim: int) -> int:
+    return max(16, triton.next_power_of_2(r_dim))
+
+
+def default_config(p_dim: int) -> SSDConfig:
+    """The config used without autotuning (interpreter, explicit config=None off CUDA)."""
+    block_p = min(64, max(16, triton.next_power_of_2(p_dim)))
+    return next(c for c in CONFIGS if c.block_p == block_p)
+
+
+def smem_estimate(block_p: int, chunk: int, block_r: int) -> int:
+    """Upper estimate in bytes of the shared memory of the chunk kernels (the largest is the backward's
+    `_chunk_duv_kernel`): fp32 dot operands (16-bit inputs are widened too), 4 (2 C BP + 3 R BP + 2 C R),
+    plus one fp32 C x C tile. Checked against Triton 3.6's sm_90 compiles at C 64, R 32: for BP 16, 32,
+    64 the largest kernel takes 40, 56, 44 KB (bf16 inputs); the estimate says 46, 60, 88 KB."""
+    return 4 * (2 * chunk * block_p + 3 * block_r * block_p + 2 * chunk * block_r) + 4 * chunk * chunk
+
+
+def _device_smem(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return int(props["max_shared_mem"])
+
+
+def prune_configs_for(configs, p_dim: int, chunk: int, block_r: int, smem_limit: int) -> list:
+    """The triton.Configs whose P-block is at most the next power of two of P (no block of only idle
+    columns) and whose estimated shared memory fits `smem_limit` bytes (99 KB on consumer cards, 227 KB
+    on an H100); the smallest always survives. The autotuner also skips a config that fails to compile
+    for resources, so the estimate only has to keep the search short."""
+    fit = [
+        c
+        for c in configs
+        if c.kwargs["BP"] <= max(16, triton.next_power_of_2(p_dim))
+        and smem_estimate(c.kwargs["BP"], chunk, block_r) <= smem_limit
+    ]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BP"], c.num_warps))]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    device = next(arg.device for arg in named_args.values() if isinstance(arg, Tensor))
+    return prune_configs_for(configs, named_args["P"], kwargs["C"], kwargs["RB"], _device_smem(device))
+
+
+def _triton_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BP": c.block_p}, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS
+    ]
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b of fp32 tiles with fp32 accumulation: "ieee" (fp32 inputs: exact fp32 products, the 1e-4
+    contract) or "tf32" (bf16/fp16 inputs: tensor cores with 10-bit operands). 16-bit inputs are
+    widened to fp32 right after loading, so the intermediate operands (the decayed scores, the fp32
+    states) are rounded to tf32 (2^-11) rather than to bf16 (2^-8): rounded to bf16, they put the
+    max-relative error of y and dX at 1.1e-2 for P 64, R 32 (measured with exact products of
+    bf16-rounded operands), over the 1e-2 budget before the bf16 output's own rounding (~4e-3)."""
+    if PREC == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C: tl.constexpr):
+    """cum [C] (inclusive cumulative log-decay from the chunk's first token; 0 on padded rows added
+    to nothing) and the chunk's total g, for batch row i_b, head i_h, tokens t0 .. t0+C-1."""
+    o_t = t0 + tl.arange(0, C)
+    la = tl.load(la_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, mask=o_t < T, other=0.0).to(tl.float32)
+    cum = tl.cumsum(la, 0)
+    return cum, tl.sum(la, 0)
+
+
+# Tiles are addressed through block pointers (a scalar base, shape and strides): a [C, BP] tile of
+# 64-bit element pointers would hold two registers per element for the whole kernel, and the chunk
+# kernels are register-bound. Out-of-range rows/columns are zero on load and skipped on store.
+@triton.jit
+def _rows(ptr, i_b, i_h, t0, w0, T, H, W, C: tl.constexpr, BW: tl.constexpr):
+    """Block pointer to rows t0 .. t0+C-1, columns w0 .. w0+BW-1 of head i_h, batch row i_b of a
+    contiguous [B,T,H,W] tensor."""
+    base = ptr + (i_b.to(tl.int64) * T * H + i_h) * W
+    return tl.make_block_ptr(base, (T, W), (H * W, 1), (t0, w0), (C, BW), (1, 0))
+
+
+@triton.jit
+def _load_f32(block_ptr):
+    """A block-pointer tile (zero outside the tensor) widened to fp32."""
+    return tl.load(block_ptr, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+
+
+@triton.jit
+def _state_tile(ptr, i_bh, i_c, p0, R, P, NC, RB: tl.constexpr, BP: tl.constexpr):
+    """Block pointer to the [RB, BP] tile at column p0 of chunk i_c's R x P state in [B*H,NC,R,P]."""
+    base = ptr + (i_bh.to(tl.int64) * NC + i_c) * R * P
+    return tl.make_block_ptr(base, (R, P), (P, 1), (0, p0), (RB, BP), (1, 0))
+
+
+@triton.jit
+def _chunk_state_kernel(
+    a_ptr, b_ptr, la_ptr, out_ptr, g_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, FROM_START: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[b,h,c] = (diag(w) A_c)^T B_c  [R, P] fp32, with A = u (or v), B = x (or dY) [B,T,H,*] and
+    w = e^(g - cum) (decayed to the chunk's end: the forward) or e^cum (from its start: the backward).
+    Also writes each chunk's total log-decay g to g_ptr [B*H, NC] fp32, for the state pass."""
+    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_c * C
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    w = tl.exp(cum) if FROM_START else tl.exp(g - cum)
+    p0 = i_p * BP
+    a = tl.load(_rows(a_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), boundary_check=(0, 1), padding_option="zero")
+    bt = tl.load(_rows(b_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), boundary_check=(0, 1), padding_option="zero")
+    aw = a.to(tl.float32) * w[:, None]
+    bt = bt.to(tl.float32)
+    local = _dot(tl.trans(aw), bt, PREC)
+    tl.store(_state_tile(out_ptr, i_bh, i_c, p0, R, P, NC, RB, BP), local, boundary_check=(0, 1))
+    tl.store(g_ptr + i_bh.to(tl.int64) * NC + i_c, g, mask=i_p == 0)
+
+
+@triton.jit
+def _state_load(st_ptr, g_ptr, i_bh, i, o_e, m_e, NC, RP, REVERSE: tl.constexpr):
+    """(g, local contribution [BLOCK]) of the i-th chunk walked (zeros once i reaches NC)."""
+    c = NC - 1 - i if REVERSE else i
+    row = i_bh.to(tl.int64) * NC + c
+    g = tl.load(g_ptr + row, mask=i < NC, other=0.0)
+    local = tl.load(st_ptr + row * RP + o_e, mask=m_e & (i < NC), other=0.0)
+    return g, local
+
+
+@triton.jit
+def _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE: tl.constexpr):
+    """Writes the carried value s entering the i-th chunk walked over its local contribution (already
+    loaded as g, local) and returns (e^g s + local, the next chunk's g and contribution). The next
+    loads are issued before this chunk's store and update, so their latency hides behind them."""
+    g_next, local_next = _state_load(st_ptr, g_ptr, i_bh, i + 1, o_e, m_e, NC, RP, REVERSE)
+    c = NC - 1 - i if REVERSE else i
+    tl.store(st_ptr + (i_bh.to(tl.int64) * NC + c) * RP + o_e, s, mask=m_e)
+    return tl.exp(g) * s + local, g_next, local_next
+
+
+@triton.jit
+def _state_pass_kernel(
+    st_ptr, g_ptr, init_ptr, final_ptr, NC, RP, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """st [B,H,NC,R*P] fp32 holds each chunk's local contribution; walks the chunks (from the end when
+    REVERSE) carrying s = e^{g_c} s + local_c, writes the carried value entering each chunk in place of
+    its contribution, and the value after the last chunk to final [B,H,R*P]. init [B,H,R*P] or zeros;
+    g [B*H, NC] the chunks' total log-decays."""
+    i_bh, i_e = tl.program_id(0), tl.program_id(1)
+    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < RP
+    if HAS_INIT:
+        s = tl.load(init_ptr + i_bh.to(tl.int64) * RP + o_e, mask=m_e, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+    g, local = _state_load(st_ptr, g_ptr, i_bh, 0, o_e, m_e, NC, RP, REVERSE)
+    if INTERPRET:  # Triton 3.6's interpreter cannot take a runtime bound in range() under NumPy 2
+        i = 0
+        while i < NC:
+            s, g, local = _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE)
+            i += 1
+    else:
+        for i in range(0, NC):
+            s, g, local = _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE)
+    tl.store(final_ptr + i_bh.to(tl.int64) * RP + o_e, s, mask=m_e)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, y_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+):
+    """y = (V U^T o L) X + diag(e^cum) V S for one (chunk, b*h, P-block); S = state entering the chunk."""
+    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_c * C
+    cum, _ = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    p0 = i_p * BP
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+    s = tl.load(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP), boundary_check=(0, 1), padding_option="zero")
+    o_c = tl.arange(0, C)
+    causal = o_c[:, None] >= o_c[None, :]
+    # Masked before exp: above the diagonal the difference is positive and could overflow.
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    scores = _dot(v, tl.trans(u), PREC) * decay
+    y = _dot(scores, x, PREC)
+    y += _dot(v * tl.exp(cum)[:, None], s, PREC)
+    tl.store(_rows(y_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), y.to(y_ptr.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _chunk_dx_kernel(
+    u_ptr, v_ptr, la_ptr, dst_ptr, dy_ptr, dx_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+):
+    """dX = A^T dY + diag(e^(g-cum)) U dS' for one (chunk, b*h, P-block), A = V U^T o L; dS' = gradient
+    of the state leaving the chunk, [B,H,NC,R,P] fp32."""
+    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0, p0 = i_c * C, i_p * BP
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+    ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+    o_c = tl.arange(0, C)
+    # A^T[s, t] = (u_s . v_t) exp(cum_t - cum_s) for t >= s, built transposed (no register transpose);
+    # masked before exp: the other side's difference is positive and could overflow.
+    causal_t = o_c[:, None] <= o_c[None, :]
+    a_t = _dot(u, tl.trans(v), PREC) * tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))
+    dx = _dot(a_t, dy, PREC) + _dot(u * tl.exp(g - cum)[:, None], ds, PREC)
+    tl.store(_rows(dx_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), dx.to(dx_ptr.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _chunk_duv_kernel(
+    x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, dst_ptr, dy_ptr, du_ptr, dv_ptr, dla_ptr,
+    T, H, R, P: tl.constexpr, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+):
+    """dU, dV (in u's dtype) and d log_a (fp32) of one (chunk, b*h). S, dS' = state entering /
+    gradient of the state leaving the chunk, [B,H,NC,R,P] fp32 each. The terms that sum over P
+    (dY X^T, X dS'^T, dY S^T, <S, dS'>) are accumulated over blocks of BP columns in registers, so
+    every output is written once, whole (no partials, no atomics). Formulas: the module docstring."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    t0 = i_c * C
+    dyx = tl.zeros([C, C], dtype=tl.float32)  # dY X^T
+    xds = tl.zeros([C, RB], dtype=tl.float32)  # X dS'^T
+    dys = tl.zeros([C, RB], dtype=tl.float32)  # dY S^T
+    sds = tl.zeros([RB, BP], dtype=tl.float32)  # S o dS', summed at the end
+    for p0 in range(0, P, BP):
+        x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+        dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+        s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+        ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+        dyx += _dot(dy, tl.trans(x), PREC)
+        xds += _dot(x, tl.trans(ds), PREC)
+        dys += _dot(dy, tl.trans(s), PREC)
+        sds += s * ds
+
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    w_start = tl.exp(cum)  # e^cum: from the chunk's start to t
+    w_end = tl.exp(g - cum)  # e^(g - cum): from t to the chunk's end
+    o_c = tl.arange(0, C)
+    causal = o_c[:, None] >= o_c[None, :]
+    da = dyx * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # dY X^T o L
+    du = _dot(tl.trans(da), v, PREC) + w_end[:, None] * xds
+    dv = _dot(da, u, PREC) + w_start[:, None] * dys
+    tl.store(_rows(du_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), du.to(du_ptr.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(dv_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), dv.to(dv_ptr.dtype.element_ty), boundary_check=(0, 1))
+    # d cum through L (dA o V U^T: row sums in, column sums out), through e^cum
+    # (<dY_t, (V S)_t> = <v_t, (dY S^T)_t>) and through e^(g - cum); g = cum_{C-1} collects
+    # e^g <S, dS'> and the sum of the last.
+    m = da * _dot(v, tl.trans(u), PREC)
+    w = w_end * tl.sum(u * xds, 1)
+    dcum = tl.sum(m, 1) - tl.sum(m, 0) + w_start * tl.sum(v * dys, 1) - w
+    dg = tl.exp(g) * tl.sum(tl.sum(sds, 1), 0) + tl.sum(w, 0)
+    dcum += tl.where(o_c == C - 1, dg, 0.0)
+    dla = tl.cumsum(dcum, 0, reverse=True)  # d log_a_j = sum_{t >= j} dcum_t within the chunk
+    o_t = t0 + o_c
+    tl.store(dla_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, dla, mask=o_t < T)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """The `_dot` mode: fp32 inputs keep exact fp32 products, bf16/fp16 inputs run on tf32 tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+
+
+# Tuned per (P, R, chunk, bit length of B*H and of the number of chunks): the best P-block depends on
+# how many programs the grid has; buckets keep a new T from re-tuning on every call.
+_TUNE = dict(key=["P", "R", "C", "LOG_BH", "LOG_NC"], prune_configs_by={"early_config_prune": _prune_configs})
+_chunk_state_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_state_kernel)
+_chunk_output_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_output_kernel)
+_chunk_dx_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_dx_kernel)
+_chunk_duv_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_duv_kernel)
+
+
+def _launch_chunks(kernel, tuned, shape, config: SSDConfig | None, args: tuple, **meta) -> None:
+    """Runs a chunk kernel over grid (chunks, B*H, P-blocks) with `config`, or autotuned on CUDA when
+    config is None; `_chunk_duv_kernel` walks P itself (grid (chunks, B*H)). shape = (B, T, H, P, R, NC)."""
+    b, t, h, p, r, nc = shape
+    full = (*args, t, h, r, p, nc, (b * h).bit_length(), nc.bit_length())
+    walks_p = kernel is _chunk_duv_kernel
+    if config is None and not interpreter_enabled():
+        tuned[lambda m: (nc, b * h, 1 if walks_p else triton.cdiv(p, m["BP"]))](*full, **meta)
+        return
+    cfg = config or default_config(p)
+    grid = (nc, b * h, 1 if walks_p else triton.cdiv(p, cfg.block_p))
+    kernel[grid](*full, BP=cfg.block_p, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+
+
+def _state_block(n_heads: int, state_size: int) -> int:
+    """Elements of the R*P state per program of the state pass: each program's walk over the chunks is
+    latency-bound, so with few sequences (B*H small) smaller blocks give more programs in flight."""
+    block = _STATE_BLOCK
+    while block > 64 and n_heads * triton.cdiv(state_size, block) < _STATE_PROGRAMS:
+        block //= 2
+    return block
+
+
+def _state_pass(states: Tensor, g: Tensor, init: Tensor | None, shape, reverse: bool) -> Tensor:
+    """In place over states [B,H,NC,R,P] (local contributions -> carried values entering each chunk),
+    g [B*H, NC] the chunks' total log-decays; returns the value after the last chunk walked, [B,H,R,P]."""
+    b, t, h, p, r, nc = shape
+    final = torch.empty(b, h, r, p, device=states.device, dtype=torch.float32)
+    block = _state_block(b * h, r * p)
+    grid = (b * h, triton.cdiv(r * p, block))
+    _state_pass_kernel[grid](
+        states, g, init if init is not None else final, final, nc, r * p,
+        BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, INTERPRET=interpreter_enabled(),
+    )
+    return final
+
+
+def _check_kernel_inputs(x: Tensor, log_a: Tensor, initial_state: Tensor | None) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or log_a.dtype != torch.float32 or (
+        initial_state is not None and initial_state.dtype != torch.float32
+    ):
+        raise NotImplementedError(
+            "semiseparable_triton: the kernels compute in fp32 (x, u, v fp32/bf16/fp16; log_a and "
+            f"initial_state fp32), got x {x.dtype}, log_a {log_a.dtype}, initial_state "
+            f"{None if initial_state is None else initial_state.dtype}; fp64 runs on the torch reference "
+            "(impl='torch' or impl=None)"
+        )
+
+
+def semiseparable_forward(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    log_a: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int = 64,
+    config: SSDConfig | None = None,
+    *,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [B,T,H,P] in x's dtype, final state [B,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no autograd.
+
+    x [B,T,H,P], u, v [B,T,H,R] (one dtype: fp32/bf16/fp16), log_a [B,T,H] fp32, initial_state
+    [B,H,R,P] fp32 or None. `out` (contiguous, shaped and typed like x) is written in place when given
+    (tests poison it). The entering states are what the backward needs.
+    """
+    _check_kernel_inputs(x, log_a, initial_state)
+    x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
+    b, t, h, p = x.shape
+    r = u.shape[-1]
+    chunk = kernel_chunk(chunk_size)
+    nc = triton.cdiv(t, chunk)
+    shape = (b, t, h, p, r, nc)
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
+    states = torch.empty(b, h, nc, r, p, device=x.device, dtype=torch.float32)
+    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
+        out.zero_()
+        return out, torch.zeros(b, h, r, p, device=x.device, dtype=torch.float32), states
+    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype))
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g),
+                   FROM_START=False, **meta)
+    init = None if initial_state is None else initial_state.contiguous()
+    final = _state_pass(states, g, init, shape, reverse=False)
+    _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out), **meta)
+    return out, final, states
+
+
+def semiseparable_backward(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    log_a: Tensor,
+    states: Tensor,
+    grad_y: Tensor | None,
+    grad_final: Tensor | None,
+    chunk_size: int = 64,
+    config: SSDConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, du, dv in x's dtype, d log_a fp32, d initial_state [B,H,R,P] fp32) from the forward's inputs,
+    its entering states and the gradients of y and of the final state (None means zero)."""
+    x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
+    b, t, h, p = x.shape
+    r = u.shape[-1]
+    chunk = kernel_chunk(chunk_size)
+    nc = states.shape[2]
+    shape = (b, t, h, p, r, nc)
+    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: every gradient is empty or zero
+        zero = torch.zeros(b, h, r, p, device=x.device, dtype=torch.float32)
+        return torch.zeros_like(x), torch.zeros_like(u), torch.zeros_like(v), torch.zeros_like(log_a), zero
+    # Autograd may hand an expanded (broadcast) gradient: materialize it.
+    dy = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+    dfinal = None if grad_final is None else grad_final.to(torch.float32).contiguous()
+    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype))
+    dstates = torch.empty_like(states)
+    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g),
+                   FROM_START=True, **meta)
+    d_init = _state_pass(dstates, g, dfinal, shape, reverse=True)
+    dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
+    dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
+    _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx), **meta)
+    _launch_chunks(_chunk_duv_kernel, _chunk_duv_tuned, shape, config,
+                   (x, u, v, log_a, states, dstates, dy, du, dv, dla), **meta)
+    return dx, du, dv, dla, d_init
+
+
+class SemiseparableTriton(torch.autograd.Function):
+    """(y, final state) = semiseparable_forward(...); the backward recomputes each chunk from the saved
+    inputs and the states entering each chunk ([B,H,NC,R,P] fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, u, v, log_a, initial_state, chunk_size: int, config: SSDConfig | None):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        y, final, states = semiseparable_forward(x, u, v, log_a, initial_state, chunk_size, config)
+        ctx.save_for_backward(x, u, v, log_a, states)
+        ctx.chunk_size, ctx.config = chunk_size, config
+        ctx.has_init = initial_state is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        x, u, v, log_a, states = ctx.saved_tensors
+        dx, du, dv, dla, d_init = semiseparable_backward(
+            x, u, v, log_a, states, grad_y, grad_final, ctx.chunk_size, ctx.config
+        )
+        needs = ctx.needs_input_grad
+        grads = [g if n else None for g, n in zip((dx, du, dv, dla), needs[:4])]
+        return (*grads, d_init if ctx.has_init and needs[4] else None, None, None)
+
+
+def semiseparable_triton(
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    log_a: Tensor,
+    *,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    config: SSDConfig | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Differentiable Triton scan; same contract as `muse_lm.ops.semiseparable_scan` without cu_seqlens
+    (which validates and dispatches here for impl="triton"). config None autotunes over `CONFIGS` on
+    CUDA (the default config under the interpreter)."""
+    _check_kernel_inputs(x, log_a, initial_state)
+    y, final = SemiseparableTriton.apply(x, u, v, log_a, initial_state, chunk_size, config)
+    return y, (final if output_final_state else None)
