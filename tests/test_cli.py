@@ -81,6 +81,47 @@ def test_generate_prints_the_prompt_and_a_continuation(run_dir, capsys):
     assert capsys.readouterr().out == first  # --seed makes sampling repeatable
 
 
+def test_generate_streams_the_same_text_as_generate_and_stops_at_stop(run_dir, capsys, monkeypatch):
+    import torch
+
+    from muse_lm.training.loading import load_trained
+    from muse_lm.training.tokenizer import eos_id
+
+    out, _ = run_dir
+    args = ["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "20", "--seed", "3"]
+    writes = []
+    real_write = sys.stdout.write
+    monkeypatch.setattr(sys.stdout, "write", lambda text: writes.append(text) or real_write(text))
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert len([w for w in writes if w]) > 2  # printed piece by piece, not once at the end
+    trained = load_trained(out, torch.device("cpu"))
+    tok, eos = trained.tokenizer, eos_id(trained.tokenizer)
+    prompt = tok.encode("def ", add_special_tokens=False).ids
+    ids = trained.model.generate(torch.tensor([prompt]), 20, temperature=0.8, seed=3, eos_token_id=eos)
+    new = [i for i in ids[0, len(prompt):].tolist() if i != eos]
+    assert streamed == "def " + tok.decode(new) + "\n"
+    stop = streamed[len("def ") + 3:len("def ") + 5]
+    if stop.strip():
+        assert main([*args, "--stop", stop]) == 0
+        stopped = capsys.readouterr().out
+        assert stopped == streamed[: streamed.index(stop, len("def "))] + "\n"
+
+
+def test_generate_stream_restores_mode_and_grad(run_dir):
+    import torch
+
+    from muse_lm.training.loading import load_trained
+
+    trained = load_trained(run_dir[0], torch.device("cpu"))
+    model = trained.model.train()
+    steps = model.generate_stream(torch.tensor([[1, 2, 3]]), 5, temperature=0.0)
+    next(steps)
+    assert torch.is_grad_enabled()  # grad is off inside each step only
+    steps.close()
+    assert model.training and model.check_ids
+
+
 def test_presets_lists_every_preset_with_its_aliases(capsys):
     assert main(["presets"]) == 0
     text = capsys.readouterr().out

@@ -90,6 +90,8 @@ def _add_generate(sub) -> None:
                    default=None)
     p.add_argument("--seed", type=_number(int, "--seed", minimum=0), default=None,
                    help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the continuation before this text (repeatable)")
     _common_device(p)
     p.set_defaults(func=cmd_generate)
 
@@ -184,9 +186,12 @@ def _device(requested: str | None):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from muse_lm.serving.text import TextStream
     from muse_lm.training.loading import load_trained
     from muse_lm.training.tokenizer import eos_id
 
+    if any(not s for s in args.stop):
+        raise MuseUserError("--stop '' is empty: pass the text the continuation should end before")
     device = _device(args.device)
     trained = load_trained(args.checkpoint, device)
     tok = trained.tokenizer
@@ -194,13 +199,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # An empty prompt starts from a document boundary, as every training document does.
     prompt_ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = trained.model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, eos_token_id=eos)
-    new_ids = [i for i in out[0, ids.shape[1]:].tolist() if i != eos]
-    # Decode prompt + continuation together, so a character split across the boundary survives.
-    full = tok.decode(prompt_ids + new_ids) if args.prompt else tok.decode(new_ids)
-    text = full if full.startswith(args.prompt) else args.prompt + tok.decode(new_ids)
-    print(text)
+    steps = trained.model.generate_stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                          top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+    # Tokens are printed as they come; TextStream holds back a character cut mid-UTF-8 and any tail
+    # that could begin a stop string.
+    text = TextStream(tok, stop=tuple(args.stop))
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for nxt in steps:
+        token = int(nxt[0])
+        if token == eos:
+            break
+        sys.stdout.write(text.add(token))
+        sys.stdout.flush()
+        if text.stopped:
+            break
+    steps.close()
+    sys.stdout.write(text.flush() + "\n")
     return 0
 
 

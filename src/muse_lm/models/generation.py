@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from muse_lm.models.sampling import sample_next
@@ -20,27 +22,40 @@ class GenerationMixin:
         per-layer states (conv buffer, AR-SSM state, BK resolvent) in place of re-reading the past.
         Rows that emitted `eos_token_id` keep emitting it.
         """
+        steps = self.generate_stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     seed=seed, eos_token_id=eos_token_id)
+        return torch.cat([ids, *(nxt[:, None] for nxt in steps)], dim=1)
+
+    def generate_stream(self, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                        eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+        """`generate`, one step at a time: yields each new token `[B]` as soon as it is sampled
+        (for printing text as it comes). The model is in eval mode while the iterator runs and
+        goes back to its previous mode when it ends or is closed."""
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"generate needs a non-empty prompt of shape [batch, time], got {tuple(ids.shape)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         self.validate_ids(ids)
+        return self._stream(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+
+    @torch.no_grad()  # on a generator function torch disables grad around each step only
+    def _stream(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id) -> Iterator[torch.Tensor]:
         was_training, check_ids = self.training, self.check_ids
-        # The prompt is checked once above and sampled ids are in range by construction, so the
-        # per-step range check (a host sync on CUDA) is off while decoding.
+        # The prompt is checked once (generate_stream) and sampled ids are in range by
+        # construction, so the per-step range check (a host sync on CUDA) is off while decoding.
         self.eval()
         self.check_ids = False
         try:
-            return self._decode(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+            yield from self._decode(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
         finally:
             self.train(was_training)
             self.check_ids = check_ids
 
-    def _decode(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id) -> torch.Tensor:
+    def _decode(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id) -> Iterator[torch.Tensor]:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=ids.device).manual_seed(seed)
-        out = [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         h, _, states = self.trunk(ids, return_state=True)
         for _ in range(max_new_tokens):
@@ -49,8 +64,7 @@ class GenerationMixin:
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
-            out.append(nxt[:, None])
+            yield nxt
             if eos_token_id is not None and bool(done.all()):
                 break
             h, _, states = self.trunk(nxt[:, None], states)
-        return torch.cat(out, dim=1)
