@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import torch
@@ -23,15 +22,11 @@ from triton.testing import do_bench
 from muse_lm.layers import HTTEmbedding
 from muse_lm.ops import tt_embedding
 from muse_lm.ops.tt_embedding import triton as tt_triton
+from muse_lm.provenance import git_commit
 
 V, D, TOKENS, RANK, CORES = 50257, 1024, 32768, 16, 2
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return proc.stdout.strip() + ("+dirty" if dirty.strip() else "") if proc.returncode == 0 else "unknown"
 
 
 def _median(fn) -> float:
@@ -125,7 +120,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": _commit(),
+        "commit": git_commit(),
         "shape": {
             "vocab": V,
             "d_model": D,

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 
 from muse_lm.layers import HTTEmbedding
 from muse_lm.layers.htt import DenseTiedEmbedding
+from muse_lm.provenance import git_commit
 
 V, D, RANK, CORES = 50257, 1024, 16, 2
 MIB = 2**20
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 def counted(module: torch.nn.Module) -> dict:
@@ -97,7 +93,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "note": None if torch.cuda.is_available() else "no CUDA: activation peaks not measured",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": git_commit(),
         "rows": rows,
         "param_ratio": rows["dense"]["parameters"] / rows["htt"]["parameters"],
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,17 +23,13 @@ from triton.testing import do_bench
 
 from muse_lm.ops.scan.bk import bk_resolvent_reference
 from muse_lm.ops.scan.bk_triton import CONFIGS, bk_resolvent_backward, bk_resolvent_forward, bk_resolvent_triton
+from muse_lm.provenance import git_commit
 
 SHAPES = [(8, 1024, 4), (1, 65536, 4)]
 Z = [0.3 + 0.05j, -1.2 + 0.7j, 2.0 + 0.2j, 1.0 + 1.0j]
 TOL = 1e-4
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return proc.stdout.strip() + ("+dirty" if dirty.strip() else "") if proc.returncode == 0 else "unknown"
 
 
 def _rel(a, b) -> float:
@@ -124,7 +119,7 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
-        commit=_commit(),
+        commit=git_commit(),
         tolerance=TOL,
         copy_gb_s=_copy_gb_s(),
         checks={},

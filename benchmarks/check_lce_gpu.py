@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from triton.testing import do_bench
 
 from muse_lm.ops.tt_cross_entropy import triton_dense
 from muse_lm.ops.tt_cross_entropy.reference import linear_cross_entropy_ref
+from muse_lm.provenance import git_commit
 
 N, V, D = 16384, 50257, 1024
 CHECK_SHAPES = [(4099, 50257, 1024, torch.bfloat16), (1, 50257, 1024, torch.bfloat16), (777, 5003, 264, torch.float32)]
@@ -39,11 +39,6 @@ CHECK_SHAPES = [(4099, 50257, 1024, torch.bfloat16), (1, 50257, 1024, torch.bflo
 _RUN_ERRORS = (RuntimeError, ValueError, triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError)
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return proc.stdout.strip() + ("+dirty" if dirty.strip() else "") if proc.returncode == 0 else "unknown"
 
 
 def _inputs(n: int, v: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -213,7 +208,7 @@ def main() -> None:
         "max_shared_mem": triton_dense._max_shared_mem(torch.cuda.current_device()),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": _commit(),
+        "commit": git_commit(),
         "shape": {"tokens": N, "vocab": V, "d_model": D, "dtype": "bfloat16", "logit_std": logit_std},
         "default_config": str(triton_dense.default_config(N, False, configs_of(torch.bfloat16))),
         "correctness": check,

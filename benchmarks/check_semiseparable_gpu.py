@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from muse_lm.ops.semiseparable.triton import (
     semiseparable_forward,
     semiseparable_triton,
 )
+from muse_lm.provenance import git_commit
 
 SHAPES = [(8, 1024, 12, 64, 32), (1, 16384, 12, 64, 32)]
 CHUNK = 64
@@ -38,11 +38,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("y", "final", "x", "u", "v", "log_a", "initial_state")
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return proc.stdout.strip() + ("+dirty" if dirty.strip() else "") if proc.returncode == 0 else "unknown"
 
 
 def _rel(a, b) -> float:
@@ -132,7 +127,7 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
-        commit=_commit(),
+        commit=git_commit(),
         tolerance=TOL,
         chunk=CHUNK,
         checks={},

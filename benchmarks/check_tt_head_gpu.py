@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from muse_lm.ops.tt_cross_entropy.triton_tt import (
     tt_linear_cross_entropy_triton,
     usable_configs,
 )
+from muse_lm.provenance import git_commit
 
 N, V, V1, V2, D1, D2, R = 16384, 50257, 197, 256, 32, 32, 16
 # (V1, V2, D1, D2, R, vocab, N, dtype) checked against the fp64 reference before timing.
@@ -41,11 +41,6 @@ CHECKS = [
 ]
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    return proc.stdout.strip() + ("+dirty" if dirty.strip() else "") if proc.returncode == 0 else "unknown"
 
 
 def _problem(v1, v2, d1, d2, r, vocab, n, dtype, seed=0):
@@ -138,7 +133,7 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         triton=triton.__version__,
-        commit=_commit(),
+        commit=git_commit(),
         shape=dict(N=N, V=V, factors=[V1, V2], D=[D1, D2], rank=R, dtype="bfloat16",
                    padding_rows=V1 * V2 - V),
         checks={},

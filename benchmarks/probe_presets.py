@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from muse_lm import MuseLM, get_preset
 from muse_lm.presets import estimate_memory
+from muse_lm.provenance import git_commit
 from muse_lm.training.optim import build_optimizer
 
 PRESETS = ("max_efficiency", "8gb", "10gb", "24gb", "max_quality")
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/presets_reference.json")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     rows = []
     for name in PRESETS:
         try:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from muse_lm.io import write_text_atomic
 from muse_lm.layers import DenseTiedEmbedding
 from muse_lm.models import MuseConfig, MuseLM, TransformerConfig, TransformerLM
 from muse_lm.presets import count_parameters, get_preset
+from muse_lm.provenance import git
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import Corpus, load_corpus, tokenize_corpus
 from muse_lm.training.distributed import DistInfo
@@ -442,24 +442,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def environment(device: torch.device) -> dict:
     """Where and with what the numbers were measured."""
-    status = _git("status", "--porcelain")
+    status = git("status", "--porcelain")
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu": _cpu_name(), "torch": torch.__version__, "triton": _package_version("triton"),
         "cuda": torch.version.cuda, "cut_cross_entropy": _package_version("cut-cross-entropy"),
-        "python": platform.python_version(), "git_commit": _git("rev-parse", "HEAD"),
+        "python": platform.python_version(), "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

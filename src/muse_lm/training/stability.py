@@ -247,8 +247,9 @@ class StabilityMonitor:
 
     @staticmethod
     def stats_from_rows(names: list[str], rows: list[list[float]]) -> dict[str, dict[str, float]]:
-        fix = lambda x: math.inf if math.isnan(x) else x  # noqa: E731
-        return {key: {"grad": fix(g), "weight": fix(w)} for key, (g, w) in zip(names, rows)}
+        """{layer: {"grad", "weight"}} from `[grad RMS, weight RMS]` rows; NaN (a poisoned layer) reads inf."""
+        return {key: {kind: math.inf if math.isnan(x) else x for kind, x in zip(("grad", "weight"), row)}
+                for key, row in zip(names, rows)}
 
     def update_baselines(self, model: nn.Module) -> None:
         self.fold_baselines(self.layer_stats(model))

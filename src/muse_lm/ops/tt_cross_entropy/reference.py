@@ -152,6 +152,13 @@ def _online_lse(
     return run_max + torch.log(run_sum), target_logit
 
 
+def combine_lse_partials(m: Tensor, s: Tensor) -> Tensor:
+    """log-sum-exp `[N]` from per-split running maxima `m` `[S, N]` and sums `s` `[S, N]` of exp(logit - m)
+    (the kernels' vocab splits); a split with no real vocab entry (m = -inf, s = 0) adds nothing."""
+    top = m.amax(dim=0)
+    return top + torch.log((s * torch.exp(m - top)).sum(dim=0))
+
+
 def _reduce(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return per_token

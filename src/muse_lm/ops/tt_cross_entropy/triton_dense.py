@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
-from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights
+from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
 # fp32 dW accumulator of a 16-bit weight: at most 2**23 elements (32 MiB) per vocab chunk, as
 # measured (a bigger chunk's atomics would spill out of an H100's 50 MiB L2 more).
@@ -361,10 +361,7 @@ def lce_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if splits == 1:
-        return m[0] + torch.log(s[0]), tgt[0]
-    top = m.amax(dim=0)
-    return top + torch.log((s * torch.exp(m - top)).sum(dim=0)), tgt.sum(dim=0)
+    return combine_lse_partials(m, s), tgt.sum(dim=0)
 
 
 def _dw_chunk_rows(v: int, d: int, block_v: int) -> int:

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from muse_lm.ops._dispatch import interpreter_enabled
-from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights
+from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
 
 @dataclass(frozen=True)
@@ -429,9 +429,7 @@ def tt_head_forward(
         TB=t.tb, BU=t.bu, BW=t.bw, RC=t.rc, BP=t.bp, BQ=t.bq, IEEE=h.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    m = parts[0].amax(0)
-    lse = m + torch.log((parts[1] * torch.exp(parts[0] - m)).sum(0))
-    return lse, parts[2].sum(0)
+    return combine_lse_partials(parts[0], parts[1]), parts[2].sum(0)
 
 
 def _dw(form: _Form, h, targets, lse, gs, go, vocab_size, r, config, t: _Tiles) -> Tensor:
