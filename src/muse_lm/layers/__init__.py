@@ -5,6 +5,7 @@ from muse_lm.layers.bk import BKSpectralFeatures
 from muse_lm.layers.ffn import SwiGLU
 from muse_lm.layers.gates import GATE_MODES, rank_gate
 from muse_lm.layers.htt import DenseTiedEmbedding, HolographicTTEmbedding, HTTEmbedding
+from muse_lm.layers.lns_linear import LNSLinear, convert_to_lns
 from muse_lm.layers.norms import RMSNorm
 
 __all__ = [
@@ -15,7 +16,9 @@ __all__ = [
     "DenseTiedEmbedding",
     "HTTEmbedding",
     "HolographicTTEmbedding",
+    "LNSLinear",
     "RMSNorm",
     "SwiGLU",
+    "convert_to_lns",
     "rank_gate",
 ]

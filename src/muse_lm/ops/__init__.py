@@ -4,6 +4,8 @@ One folder per op: `reference.py` (pure torch, CPU-safe), `triton.py` (kernels, 
 exist), `__init__.py` (validate -> dispatch -> autograd).
 """
 
+from muse_lm.ops.lns import from_lns, lns_matmul, to_lns
+from muse_lm.ops.log_matmul import log_matmul
 from muse_lm.ops.scan import bk_resolvent, linear_recurrence
 from muse_lm.ops.semiseparable import semiseparable_scan, semiseparable_step
 from muse_lm.ops.tt_cross_entropy import linear_cross_entropy, tt_linear_cross_entropy
@@ -11,11 +13,15 @@ from muse_lm.ops.tt_embedding import tt_embedding, tt_reconstruct
 
 __all__ = [
     "bk_resolvent",
+    "from_lns",
     "linear_cross_entropy",
     "linear_recurrence",
+    "lns_matmul",
+    "log_matmul",
     "semiseparable_scan",
     "semiseparable_step",
     "tt_embedding",
     "tt_linear_cross_entropy",
+    "to_lns",
     "tt_reconstruct",
 ]
