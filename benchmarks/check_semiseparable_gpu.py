@@ -5,8 +5,13 @@ Shapes (B, T, H, P, R): (8, 1024, 12, 64, 32) (the 8gb preset's AR-SSM micro-bat
 and fp32 inputs: y, the final state and the gradients of x, u, v, log_a and the initial state, from
 the autotuned kernel and from every declared config, against the fp64 reference (max |err| / max
 |ref|); then the median ms (`do_bench`) of the forward and of forward+backward for the autotuned
-kernel, every config (bf16) and the torch reference (its chunked form, fp32 math). Writes one JSON
-object with the GPU name, versions and git commit. Finishes in well under 3 minutes on an H100.
+kernel, every config (bf16) and the torch reference (its chunked form, fp32 math). Then (bf16, one
+config, so few extra compiles): packed documents (cu_seqlens, lengths 1..70 over 16384 tokens) checked
+against the fp64 reference with both state walks and timed against the same tokens unpacked; B 1,
+T 65536, H 12 with the two-level walk over chunk states vs the one-level walk (the walk alone and the
+whole forward / forward+backward, checked against each other and the fp64 reference); the one-token
+step kernel vs the torch step at B 1, 8, 64. Writes one JSON object with the GPU name, versions and git
+commit. Meant to finish in under 3 minutes on an H100 (most of it compiling and autotuning).
 
     PYTHONPATH=src python3 benchmarks/check_semiseparable_gpu.py --out $OUT/ssd.json
 """
@@ -22,9 +27,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from muse_lm.ops.semiseparable.reference import semiseparable_chunked
+from muse_lm.ops.semiseparable.reference import semiseparable_chunked, semiseparable_step_reference
+from muse_lm.ops.semiseparable.state_pass import state_pass, use_two_levels
+from muse_lm.ops.semiseparable.step_triton import semiseparable_step_forward
 from muse_lm.ops.semiseparable.triton import (
     CONFIGS,
+    default_config,
     semiseparable_backward,
     semiseparable_forward,
     semiseparable_triton,
@@ -36,8 +44,9 @@ CHUNK = 64
 TOL = {"bf16": 1e-2, "fp32": 1e-4}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("y", "final", "x", "u", "v", "log_a", "initial_state")
-
-
+LONG = (1, 65536, 12, 64, 32)  # B, T, H, P, R: the second level's regime
+PACKED_TOKENS, PACKED_MAX_LEN = 16384, 70
+STEP_BATCHES = (1, 8, 64)
 
 
 def _rel(a, b) -> float:
@@ -118,6 +127,108 @@ def time_shape(shape) -> dict:
     return out
 
 
+def _errors(got, want) -> dict:
+    return {n: _rel(g, w) for n, g, w in zip(NAMES, got, want)}
+
+
+def _fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu_seqlens=None) -> tuple:
+    leaves = [t.double().requires_grad_() for t in (x, u, v, log_a, h0)]
+    y, f = semiseparable_chunked(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                                 cu_seqlens=cu_seqlens, chunk_size=CHUNK)
+    loss = (y * dy.double()).sum() + (f * dfinal.double()).sum()
+    return (y.detach(), f.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def _bench_pair(fwd, bwd) -> dict:
+    """Median ms of fwd() and of fwd()+bwd(fwd's result), after one untimed run of each."""
+    bwd(fwd())
+    return dict(fwd_ms=do_bench(fwd, warmup=5, rep=30, return_mode="median"),
+                fwd_bwd_ms=do_bench(lambda: bwd(fwd()), warmup=5, rep=30, return_mode="median"))
+
+
+def packed_documents() -> dict:
+    """cu_seqlens: ~470 documents of 1..70 tokens in one row of 16384, H 12, P 64, R 32, bf16."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, PACKED_MAX_LEN + 1, (PACKED_TOKENS,), generator=gen)
+    lengths = lengths[: int((lengths.cumsum(0) <= PACKED_TOKENS).sum())]
+    lengths[-1] += PACKED_TOKENS - int(lengths.sum())
+    cu = torch.tensor([0, *lengths.cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    n = len(lengths)
+    _, _, h, p, r = LONG
+    x, u, v, log_a, _, dy, _ = _problem(1, PACKED_TOKENS, h, p, r, torch.bfloat16, seed=4)
+    h0, dfinal = torch.randn(2, n, h, r, p, device="cuda")
+    want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu)
+    cfg = default_config(p)
+    out = dict(documents=n, config=repr(cfg), checks={}, timings={})
+    for two in (False, True):
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, cfg, cu_seqlens=cu, two_levels=two)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, cfg, cu_seqlens=cu,
+                                       two_levels=two)
+        errs = _errors((y, f, *grads), want)
+        out["checks"][f"two_levels={two}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
+    del want
+    for name, kw in (("packed", dict(cu_seqlens=cu)), ("same_tokens_unpacked", {})):
+        init = h0 if kw else None
+        fwd = lambda kw=kw, init=init: semiseparable_forward(x, u, v, log_a, init, CHUNK, cfg, **kw)  # noqa: E731
+        bwd = lambda res, kw=kw: semiseparable_backward(x, u, v, log_a, res[2], dy, None, CHUNK, cfg, **kw)  # noqa: E731
+        out["timings"][name] = _bench_pair(fwd, bwd)
+    return out
+
+
+def second_level() -> dict:
+    """B 1, T 65536, H 12: one-level vs two-level walk over chunk states (bf16 data, autotuned kernels)."""
+    b, t, h, p, r = LONG
+    x, u, v, log_a, h0, dy, dfinal = _problem(*LONG, torch.bfloat16, seed=5)
+    nc = triton.cdiv(t, CHUNK)
+    out = dict(shape=dict(B=b, T=t, H=h, P=p, R=r, chunks=nc), default_two_levels=use_two_levels(b * h, nc, r * p),
+               checks={}, timings={})
+    want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal)
+    got = {}
+    for two in (False, True):
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, two_levels=two)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, two_levels=two)
+        got[two] = (y, f, *grads)
+        errs = _errors(got[two], want)
+        out["checks"][f"two_levels={two}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
+    out["checks"]["two_vs_one_level_rel"] = _errors(got[True], got[False])
+    del want, got
+    local = torch.randn(b, h, nc, r, p, device="cuda")
+    g = -torch.rand(b * h, nc, device="cuda")
+    for two in (False, True):
+        walk = lambda two=two: state_pass(local.clone(), g, h0, b, h, None, reverse=False, two_levels=two)  # noqa: E731
+        # The walk is in place, so each timed call walks a fresh copy; the copy is timed on its own.
+        clone_ms = do_bench(lambda: local.clone(), warmup=5, rep=30, return_mode="median")
+        walk_ms = do_bench(walk, warmup=5, rep=30, return_mode="median")
+        fwd = lambda two=two: semiseparable_forward(x, u, v, log_a, None, CHUNK, two_levels=two)  # noqa: E731
+        bwd = lambda res, two=two: semiseparable_backward(x, u, v, log_a, res[2], dy, None, CHUNK, two_levels=two)  # noqa: E731
+        out["timings"][f"two_levels={two}"] = dict(
+            state_walk_ms=max(walk_ms - clone_ms, 1e-6), state_walk_with_copy_ms=walk_ms, copy_ms=clone_ms,
+            **_bench_pair(fwd, bwd),
+        )
+    one, two = out["timings"]["two_levels=False"], out["timings"]["two_levels=True"]
+    out["speedup_two_levels"] = {k: one[k] / two[k] for k in ("state_walk_ms", "fwd_ms", "fwd_bwd_ms")}
+    return out
+
+
+def step_kernel() -> dict:
+    """One decode token, H 12, R 32, P 64, fp32 state: the kernel vs the torch reference step."""
+    _, _, h, p, r = LONG
+    out = {}
+    for b in STEP_BATCHES:
+        x, u, v, log_a, h0, _, _ = _problem(b, 1, h, p, r, torch.bfloat16, seed=b)
+        args = (x[:, 0], u[:, 0], v[:, 0], log_a[:, 0])
+        y, new = semiseparable_step_forward(*args, h0)
+        y_ref, new_ref = semiseparable_step_reference(*(a.double() for a in args), h0.double())
+        errs = dict(y=_rel(y, y_ref), state=_rel(new, new_ref))
+        kernel_ms = do_bench(lambda args=args, h0=h0: semiseparable_step_forward(*args, h0), warmup=10, rep=30,
+                             return_mode="median")
+        ref_ms = do_bench(lambda args=args, h0=h0: semiseparable_step_reference(*args, h0), warmup=10, rep=30,
+                          return_mode="median")
+        out[f"B{b}"] = dict(rel_err=errs, ok=errs["y"] <= TOL["bf16"] and errs["state"] <= 1e-5,
+                            kernel_ms=kernel_ms, torch_ms=ref_ms, speedup=ref_ms / kernel_ms)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ssd.json"))
@@ -145,6 +256,13 @@ def main() -> None:
         key = "B{}-T{}-H{}-P{}-R{}-bf16".format(*shape)
         result["timings"][key] = time_shape(shape)
         print(key, json.dumps(result["timings"][key]), flush=True)
+    for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel)):
+        result[name] = fn()
+        print(name, json.dumps(result[name]), flush=True)
+        torch.cuda.empty_cache()
+    result["all_ok"] = result["all_ok"] and all(
+        r["ok"] for part in ("cu_seqlens", "second_level") for r in result[part]["checks"].values() if "ok" in r
+    ) and all(r["ok"] for r in result["step"].values())
     result["wall_s"] = time.time() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -1,13 +1,14 @@
 """Rank pruning (issue 4): held-out loss and forward time per token before and after
 `MuseLM.prune_ranks(threshold)`, at a few thresholds.
 
-Trains a tiny MuseLM on the embedded python-stdlib corpus for --steps steps on the CPU (or loads a
-`muse train` checkpoint given with --checkpoint), then for each threshold prunes a copy and measures:
-held-out cross-entropy (the same fixed batches), the ranks left per layer, and the median forward
+Trains a tiny MuseLM on the embedded python-stdlib corpus for --steps steps on --device (the CPU by
+default), or loads a `muse train` checkpoint given with --checkpoint, then for each threshold prunes
+a copy and measures: held-out cross-entropy (the same fixed batches), the ranks left per layer, and the median forward
 time per token of the whole model and of its AR-SSM layers alone (eval mode, no grad).
 
 Usage: PYTHONPATH=src python benchmarks/prune_ranks.py [--checkpoint RUN_OR_CKPT] [--steps 300]
-       [--thresholds 0.05,0.2,0.5] [--gate-mode soft] [--gate-l1 3e-3] [--threads N] [--out FILE.json]
+       [--thresholds 0.05,0.2,0.5] [--gate-mode soft] [--gate-l1 3e-3] [--threads N] [--device cuda]
+       [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from muse_lm.training.data import heldout_batches
 from muse_lm.training.evaluate import evaluate_loss
 from muse_lm.training.loading import load_trained
 
-CPU = torch.device("cpu")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=10, help="timed forward passes per measurement (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model trains, evaluates and is timed")
     ap.add_argument("--out", default="benchmarks/results/prune_ranks.json")
     args = ap.parse_args(argv)
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
     args.time_b, args.time_t = (int(n) for n in args.time_shape.lower().split("x"))
+    args.device = torch.device(args.device)
     return args
 
 
@@ -67,7 +68,7 @@ def train_tiny(args: argparse.Namespace) -> tuple[MuseLM, np.ndarray, dict]:
     """(trained tiny model in eval mode, held-out token stream, what was trained)."""
     data = load_bench_data(None, 2048, 4_000_000)
     torch.manual_seed(args.seed)
-    model = MuseLM(tiny_config(data.vocab_size, args))
+    model = MuseLM(tiny_config(data.vocab_size, args)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     tokens = torch.from_numpy(data.train.astype(np.int64))
@@ -78,7 +79,7 @@ def train_tiny(args: argparse.Namespace) -> tuple[MuseLM, np.ndarray, dict]:
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.from_numpy(rng.integers(0, len(tokens) - args.seq_len - 1, args.batch))
-        rows = tokens[starts.unsqueeze(1) + torch.arange(args.seq_len + 1)]
+        rows = tokens[starts.unsqueeze(1) + torch.arange(args.seq_len + 1)].to(args.device)
         loss = model(rows[:, :-1], rows[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,9 +92,9 @@ def train_tiny(args: argparse.Namespace) -> tuple[MuseLM, np.ndarray, dict]:
     return model.eval(), data.heldout, info
 
 
-def load_checkpoint(path: str) -> tuple[MuseLM, np.ndarray, dict]:
+def load_checkpoint(path: str, device: torch.device) -> tuple[MuseLM, np.ndarray, dict]:
     """A trained checkpoint and the held-out stream of the embedded corpus under its own tokenizer."""
-    trained = load_trained(path, CPU)
+    trained = load_trained(path, device)
     from muse_lm.training.data import load_corpus, tokenize_corpus  # only this path needs them
 
     tokens = tokenize_corpus(load_corpus(trained.config.get("run", {}).get("data")), trained.tokenizer)
@@ -106,10 +107,13 @@ def time_per_token(fns: list, ids: torch.Tensor, repeats: int) -> list[float]:
     """Median seconds per token of each fn(ids) over `repeats` rounds (after a warm-up round). The
     functions alternate within a round, so a load change on the machine hits all of them alike."""
     times: list[list[float]] = [[] for _ in fns]
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     for round_ in range(repeats + 1):
         for fn, out in zip(fns, times, strict=True):
+            sync()
             start = time.perf_counter()
             fn(ids)
+            sync()
             if round_:
                 out.append(time.perf_counter() - start)
     return [statistics.median(t) / ids.numel() for t in times]
@@ -125,15 +129,16 @@ def mixers_only(model: MuseLM, hidden: torch.Tensor):
 
 def describe(model: MuseLM, heldout: np.ndarray, args: argparse.Namespace) -> dict:
     batches = heldout_batches(heldout, seq_len=args.seq_len, batch_size=args.batch, max_batches=args.eval_batches)
-    return {"heldout_loss": evaluate_loss(model, batches, CPU).loss, "ranks": [b.mixer.rank for b in model.blocks],
-            "effective_ranks": model.effective_ranks(), "parameters": model.num_parameters()}
+    return {"heldout_loss": evaluate_loss(model, batches, args.device).loss,
+            "ranks": [b.mixer.rank for b in model.blocks], "effective_ranks": model.effective_ranks(),
+            "parameters": model.num_parameters()}
 
 
 def timings(base: MuseLM, pruned: MuseLM, args: argparse.Namespace) -> dict:
     """Forward microseconds per token of both models, and of their AR-SSM layers alone."""
     gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, base.config.vocab_size, (args.time_b, args.time_t), generator=gen)
-    hidden = torch.randn(args.time_b, args.time_t, base.config.d_model, generator=gen)
+    ids = torch.randint(0, base.config.vocab_size, (args.time_b, args.time_t), generator=gen).to(args.device)
+    hidden = torch.randn(args.time_b, args.time_t, base.config.d_model, generator=gen).to(args.device)
     fns = [base, pruned, mixers_only(base, hidden), mixers_only(pruned, hidden)]
     model_b, model_p, mix_b, mix_p = (1e6 * t for t in time_per_token(fns, ids, args.repeats))
     return {"model_us_per_token_before": model_b, "model_us_per_token_after": model_p,
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, heldout, source = load_checkpoint(args.checkpoint) if args.checkpoint else train_tiny(args)
+    model, heldout, source = load_checkpoint(args.checkpoint, args.device) if args.checkpoint else train_tiny(args)
     base = describe(model, heldout, args)
     rows = []
     for threshold in args.thresholds:
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                      **timings(model, pruned, args)})
     result = {"source": source, "gate_means_per_layer": [b.mixer.gate_mean.tolist() for b in model.blocks],
               "before": base, "pruned": rows,
-              "timing": {"shape": [args.time_b, args.time_t], "repeats": args.repeats, "device": "cpu",
+              "timing": {"shape": [args.time_b, args.time_t], "repeats": args.repeats, "device": str(args.device),
+                         "gpu": torch.cuda.get_device_name() if args.device.type == "cuda" else None,
                          "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                          "torch": torch.__version__}}
     out = Path(args.out)

@@ -1,8 +1,9 @@
 """The semiseparable (SSD) Triton kernels on a real GPU: every declared config, odd T and chunk
 boundaries, fp32 and bf16 inputs, y, the final state and every gradient vs the fp64 reference (outputs
 NaN-poisoned first), strong decays, the configs kept under a 99 KB shared-memory cap, the autotuned
-public op with autograd at the 8gb layer's shape, and the AR-SSM layer training on it. Skipped
-without CUDA."""
+public op with autograd at the 8gb layer's shape, the AR-SSM layer training on it, packed documents
+(cu_seqlens, hundreds of 0..70-token documents), the one- and two-level walks over chunk states at
+long T, the one-token step kernel, and impl=None choosing the kernels on CUDA. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -39,21 +40,22 @@ def _reference(x, u, v, log_a, h0, dy, dfinal):
     return y.detach(), final.detach(), torch.autograd.grad(loss, leaves)
 
 
-def _check_config(cfg, args, ref, dtype, chunk=64):
+def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
+    """kw: cu_seqlens, two_levels for the kernels."""
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
     x, u, v, log_a, h0, dy, dfinal = args
     y_ref, f_ref, grads_ref = ref
     poison = torch.full_like(x, float("nan"))
-    y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, cfg, out=poison)
+    y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, cfg, out=poison, **kw)
     assert torch.isfinite(y).all() and torch.isfinite(final).all(), cfg
     assert _rel(y, y_ref) < TOL[dtype] and _rel(final, f_ref) < TOL[dtype], cfg
-    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg)
+    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **kw)
     for name, got, want in zip(NAMES, grads, grads_ref):
         assert got.shape == want.shape and torch.isfinite(got).all(), (name, cfg)
         assert _rel(got, want) < TOL[dtype], (name, cfg, _rel(got, want))
     # Partials over P-blocks are summed by torch, no atomics: bitwise reproducible.
-    again = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg)
+    again = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **kw)
     assert all(torch.equal(a, b) for a, b in zip(grads, again)), cfg
 
 
@@ -150,3 +152,112 @@ def test_ar_ssm_layer_output_and_grads_match_with_the_kernel(monkeypatch):
     assert grads_t.keys() == grads_r.keys()
     for name in grads_r:
         assert torch.isfinite(grads_t[name]).all() and _rel(grads_t[name], grads_r[name]) < 5e-2, name
+
+
+def _packed(lengths, h, r, p, dtype, seed):
+    """One packed row of documents: the _problem tensors with h0 / dfinal per document, and cu_seqlens."""
+    x, u, v, log_a, _, dy, _ = _problem(1, sum(lengths), h, r, p, dtype, decay=(-20.0, 0.0), seed=seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    h0, dfinal = torch.randn(2, len(lengths), h, r, p, device="cuda", generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    return (x, u, v, log_a, h0, dy, dfinal), cu
+
+
+def _packed_reference(args, cu):
+    x, u, v, log_a, h0, dy, dfinal = args
+    leaves = [t.detach().double().requires_grad_() for t in (x, u, v, log_a, h0)]
+    y, final = semiseparable_chunked(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+    loss = (y * dy.double()).sum() + (final * dfinal.double()).sum()
+    return y.detach(), final.detach(), torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cu_seqlens_many_short_documents_every_config_both_walks(dtype):
+    """300 documents of 0..70 tokens (a tenth empty) in one row, per-document initial states."""
+    from muse_lm.ops.semiseparable.triton import CONFIGS
+
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 71, (300,), generator=gen)
+    lengths[torch.rand(300, generator=gen) < 0.1] = 0
+    args, cu = _packed(lengths.tolist(), 3, 32, 64, dtype, seed=5)
+    ref = _packed_reference(args, cu)
+    for cfg in CONFIGS:
+        for two_levels in (False, True):
+            _check_config(cfg, args, ref, dtype, cu_seqlens=cu, two_levels=two_levels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cu_seqlens_public_op_long_documents_default_impl(dtype):
+    """impl=None on CUDA runs the kernel for packed documents too, long ones included (a 20000-token
+    document takes the two-level walk), with autograd."""
+    args, cu = _packed([20000, 1, 0, 3000, 64, 65], 4, 32, 64, dtype, seed=6)
+    x, u, v, log_a, h0, dy, dfinal = args
+    leaves = [t.clone().requires_grad_() for t in (x, u, v, log_a, h0)]
+    y, final = semiseparable_scan(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+    assert "SemiseparableTriton" in type(y.grad_fn).__name__
+    grads = torch.autograd.grad((y * dy).sum() + (final * dfinal).sum(), leaves)
+    y_ref, f_ref, grads_ref = _packed_reference(args, cu)
+    assert _rel(y, y_ref) < TOL[dtype] and _rel(final, f_ref) < TOL[dtype]
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        assert _rel(got, want) < TOL[dtype], (name, _rel(got, want))
+
+
+@pytest.mark.parametrize("t", [1000, 65536])
+def test_two_level_walk_at_long_t_matches_one_level_and_reference(t):
+    """B 1, H 4: the regime the second level is for; both walks against the fp64 reference and each
+    other, forward and backward, every output."""
+    from muse_lm.ops.semiseparable.state_pass import use_two_levels
+    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    assert use_two_levels(4, t // 64, 32 * 64) == (t == 65536)
+    args = _problem(1, t, 4, 32, 64, torch.float32, decay=(-1.0, 0.0), seed=t)
+    x, u, v, log_a, h0, dy, dfinal = args
+    y_ref, f_ref, grads_ref = _reference(*args)
+    outs = {}
+    for two_levels in (False, True):
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 64, two_levels=two_levels)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 64, two_levels=two_levels)
+        assert _rel(y, y_ref) < 1e-4 and _rel(final, f_ref) < 1e-4, two_levels
+        for name, got, want in zip(NAMES, grads, grads_ref):
+            assert torch.isfinite(got).all() and _rel(got, want) < 1e-4, (name, two_levels, _rel(got, want))
+        outs[two_levels] = (y, final, states, *grads)
+    for one, two in zip(outs[False], outs[True]):
+        assert _rel(two, one) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_kernel_matches_reference_and_decoding_matches_the_scan(dtype):
+    """semiseparable_step with impl=None runs the kernel on CUDA: equal to the fp64 reference step, the
+    caller's state untouched, and 50 decode steps equal to the scan of the same tokens."""
+    from muse_lm.ops import semiseparable_step
+    from muse_lm.ops.semiseparable.reference import semiseparable_step_reference
+    from muse_lm.ops.semiseparable.step_triton import semiseparable_step_forward
+
+    x, u, v, log_a, h0, _, _ = _problem(8, 50, 12, 32, 64, dtype, seed=7)
+    kept = h0.clone()
+    y, new = semiseparable_step(x[:, 0], u[:, 0], v[:, 0], log_a[:, 0], h0)
+    assert torch.equal(h0, kept)
+    y_ref, new_ref = semiseparable_step_reference(*(t[:, 0].double() for t in (x, u, v, log_a)), h0.double())
+    assert _rel(y, y_ref) < TOL[dtype] and _rel(new, new_ref) < 1e-5
+    y_in, new_in = semiseparable_step_forward(x[:, 0], u[:, 0], v[:, 0], log_a[:, 0], kept, out_state=kept)
+    assert new_in.data_ptr() == kept.data_ptr() and torch.equal(new_in, new) and torch.equal(y_in, y)
+    state, ys = h0, []
+    for t in range(50):
+        y_t, state = semiseparable_step(x[:, t], u[:, t], v[:, t], log_a[:, t], state)
+        ys.append(y_t)
+    y_scan, f_scan = semiseparable_scan(x, u, v, log_a, initial_state=h0, output_final_state=True)
+    assert _rel(torch.stack(ys, 1), y_scan) < TOL[dtype] and _rel(state, f_scan) < 1e-4
+
+
+def test_impl_none_picks_the_kernels_on_cuda_and_the_reference_for_fp64():
+    from muse_lm.ops import semiseparable_step
+
+    x, u, v, log_a, h0, _, _ = _problem(1, 10, 2, 4, 8, torch.float32, seed=8)
+    leaves = [t.clone().requires_grad_() for t in (x, u, v, log_a)]
+    y, _ = semiseparable_scan(*leaves)
+    assert "SemiseparableTriton" in type(y.grad_fn).__name__
+    y_t, _ = semiseparable_step(*(t[:, 0] for t in leaves), h0)
+    assert "SemiseparableStepTriton" in type(y_t.grad_fn).__name__
+    y64, _ = semiseparable_scan(*(t.double().requires_grad_() for t in (x, u, v, log_a)))
+    assert "Triton" not in type(y64.grad_fn).__name__
+    assert _rel(y, y64) < 1e-4

@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from muse_lm.ops import linear_recurrence
+from muse_lm.ops._dispatch import interpreter_enabled
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -122,7 +123,10 @@ def test_bad_inputs_raise_value_error(case):
         calls[case]()
 
 
-def test_triton_impl_not_implemented():
+def test_triton_impl_refused_on_cpu_without_the_interpreter_and_for_fp64():
     a, b, _ = make((1, 4, 2), dtype=torch.float32)
+    if not interpreter_enabled():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            linear_recurrence(a, b, impl="triton")
     with pytest.raises(NotImplementedError):
-        linear_recurrence(a, b, impl="triton")
+        linear_recurrence(a.double(), b.double(), impl="triton")

@@ -189,8 +189,10 @@ def test_bad_inputs_raise_value_error(case):
 
 def test_triton_impl_refused_where_it_cannot_run():
     x, u, v, log_a, h0 = make_inputs(1, 4, 1, 2, 2, dtype=torch.float32)
-    if not interpreter_enabled():  # the scan kernel exists, but CPU tensors need the interpreter
+    if not interpreter_enabled():  # the kernels exist, but CPU tensors need the interpreter
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             semiseparable_scan(x, u, v, log_a, impl="triton")
-    with pytest.raises(NotImplementedError):  # the one-token step has no kernel yet
-        semiseparable_step(x[:, 0], u[:, 0], v[:, 0], log_a[:, 0], h0, impl="triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            semiseparable_step(x[:, 0], u[:, 0], v[:, 0], log_a[:, 0], h0, impl="triton")
+    with pytest.raises(NotImplementedError):  # fp64 has no kernel: it always runs on the reference
+        semiseparable_scan(x.double(), u.double(), v.double(), log_a.double(), impl="triton")

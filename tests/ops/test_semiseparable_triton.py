@@ -1,5 +1,7 @@
 """The semiseparable (SSD) Triton kernels, forward and backward, vs the fp64 recurrence and autograd
-through the fp64 reference, in fp32 under Triton's interpreter; plus dispatch and config checks.
+through the fp64 reference, in fp32 under Triton's interpreter: every declared config, packed
+documents (cu_seqlens), the one- and two-level walks over chunk states, the one-token step kernel;
+plus dispatch, chunk-table and config checks.
 
 Triton reads TRITON_INTERPRET when its kernels are defined, so the interpreter tests run in a child
 pytest process started with TRITON_INTERPRET=1 (`test_interpreter_suite`); in this process they are
@@ -203,14 +205,100 @@ def test_empty_dimensions(dims):
     assert all(g is None or g.shape == leaf.shape for g, leaf in zip(grads, leaves))
 
 
+def packed_problem(lengths, h, r, p, *, decay=(-3.0, 0.0), seed=0):
+    """problem() for one packed row of documents with these lengths: (x, u, v, log_a, h0 [N,H,R,P],
+    dy, dfinal [N,H,R,P], cu_seqlens int32)."""
+    x, u, v, log_a, _, dy, _ = problem(1, sum(lengths), h, r, p, decay=decay, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0, dfinal = torch.randn(2, len(lengths), h, r, p, generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return x, u, v, log_a, h0, dy, dfinal, cu
+
+
+def packed_reference(x, u, v, log_a, h0, dy, dfinal, cu):
+    """fp64 (y, finals) and the gradients in (x, u, v, log_a, h0) through the reference's cu_seqlens."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, u, v, log_a, h0)]
+    y, final = semiseparable_chunked(*leaves[:4], initial_state=leaves[4], output_final_state=True,
+                                     cu_seqlens=cu, chunk_size=8)
+    loss = (y * dy.double()).sum() + (final * dfinal.double()).sum()
+    return y.detach(), final.detach(), torch.autograd.grad(loss, leaves)
+
+
+# Documents of 1 .. 70 tokens and two empty ones (one first): chunks of 16 end mid-document and at
+# boundaries, a 70-token document spans five chunks, and most chunks would straddle a boundary if
+# the row were cut into chunks regardless of the documents.
+LENGTHS = [0, 1, 3, 16, 70, 2, 0, 17, 5, 1, 33, 9]
+
+
 @interp
-def test_cu_seqlens_with_impl_triton_runs_the_reference():
-    x, u, v, log_a, _, _, _ = problem(1, 12, 2, 3, 4, seed=8)
-    cu = torch.tensor([0, 5, 12])
-    y, final = semiseparable_scan(x, u, v, log_a, cu_seqlens=cu, output_final_state=True, impl="triton")
-    y_ref, f_ref = semiseparable_chunked(x, u, v, log_a, cu_seqlens=cu, output_final_state=True)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(final, f_ref)
+@pytest.mark.parametrize("cfg_index", range(5))
+def test_cu_seqlens_many_short_documents_every_config(cfg_index):
+    from muse_lm.ops.semiseparable.triton import CONFIGS, semiseparable_backward, semiseparable_forward
+
+    cfg = CONFIGS[cfg_index]
+    x, u, v, log_a, h0, dy, dfinal, cu = packed_problem(LENGTHS, 2, 5, 20, seed=cfg_index)
+    y_ref, f_ref, grads_ref = packed_reference(x, u, v, log_a, h0, dy, dfinal, cu)
+    for two_levels in [bool(cfg_index % 2)]:  # both walks, over the configs (the interpreter is slow)
+        poison = torch.full_like(x, float("nan"))
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, cfg, out=poison, cu_seqlens=cu,
+                                                 two_levels=two_levels)
+        assert torch.isfinite(y).all() and final.shape == h0.shape
+        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, (cfg, two_levels)
+        # An empty document passes its initial state (and the final state's gradient) straight through.
+        torch.testing.assert_close(final[0], h0[0])
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, cfg, cu_seqlens=cu,
+                                       two_levels=two_levels)
+        for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
+            assert got.shape == want.shape and torch.isfinite(got).all(), name
+            assert rel(got, want) < TOL, (name, cfg, two_levels)
+        torch.testing.assert_close(grads[4][6], dfinal[6])
+
+
+@interp
+def test_cu_seqlens_public_op_autograd_without_initial_state():
+    """impl='triton' with cu_seqlens runs the kernel (not the reference); no initial state, bf16 data."""
+    lengths = [4, 1, 40, 0, 7]
+    x, u, v, log_a, _, dy, dfinal, cu = packed_problem(lengths, 2, 3, 6, decay=(-20.0, 0.0), seed=4)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x, u, v)] + [log_a.requires_grad_()]
+    y, final = semiseparable_scan(*leaves, output_final_state=True, cu_seqlens=cu.long(), chunk_size=16,
+                                  impl="triton")
+    assert "SemiseparableTriton" in type(y.grad_fn).__name__ and final.shape == (5, 2, 3, 6)
+    got = torch.autograd.grad((y * dy.bfloat16()).sum() + (final * dfinal).sum(), leaves)
+    zeros = torch.zeros_like(dfinal)
+    y_ref, f_ref, want = packed_reference(*(t.detach() for t in leaves), zeros, dy.bfloat16(), dfinal, cu)
+    assert rel(y, y_ref) < 2e-2 and rel(final, f_ref) < 2e-2
+    for name, g, w in zip(("x", "u", "v", "log_a"), got, want):
+        assert rel(g, w) < 2e-2, name
+
+
+@interp
+@pytest.mark.parametrize("shape", [(1, 200, 1, 3, 5), (2, 90, 2, 17, 6)], ids=["B1-13chunks", "B2-6chunks"])
+def test_two_level_state_walk_matches_one_level_and_fp64(shape):
+    """The two-level walk (groups of chunks in parallel, a walk over groups, a fix-up) against the
+    one-level walk and the fp64 oracle, forward and backward, with strong decays (products that reach
+    zero inside a group) next to a stretch with no decay at all."""
+    from muse_lm.ops.semiseparable.state_pass import group_size
+    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    b, t, h, r, p = shape
+    assert triton_cdiv(t, 16) > group_size(triton_cdiv(t, 16))  # more than one group
+    x, u, v, log_a, h0, dy, dfinal = problem(b, t, h, r, p, decay=(-20.0, -0.5), seed=t)
+    log_a[:, t // 3 : t // 2] = 0.0
+    y_ref, f_ref, grads_ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal)
+    out = {}
+    for two_levels in (False, True):
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, two_levels=two_levels)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, two_levels=two_levels)
+        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, two_levels
+        for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
+            assert torch.isfinite(got).all() and rel(got, want) < TOL, (name, two_levels)
+        out[two_levels] = (y, final, states, *grads)
+    for one, two in zip(out[False], out[True]):
+        assert rel(two, one) < 1e-5
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def test_fp64_with_impl_triton_is_refused_and_impl_none_is_the_reference():
@@ -265,3 +353,93 @@ def test_config_validation_chunk_rounding_and_pruning():
     assert smem_estimate(64, 64, 32) <= consumer < smem_estimate(64, 64, 128)
     # Nothing fits: the smallest config survives (the autotuner skips what fails to compile).
     assert prune_configs_for(configs, 64, 128, 128, 1024) == [min(configs, key=lambda c: c.kwargs["BP"])]
+
+
+def test_chunk_table_group_size_and_the_two_level_choice():
+    from muse_lm.ops.semiseparable.state_pass import chunk_table, group_size, use_two_levels
+
+    cu = torch.tensor([0, 0, 1, 17, 17, 50])
+    table = chunk_table(cu, 16, torch.device("cpu"))
+    assert table.dtype == torch.int32
+    # (first token, sequence end, sequence, flags 1 = first chunk, 2 = last chunk); empty ones get one chunk.
+    assert table.tolist() == [
+        [0, 0, 0, 3], [0, 1, 1, 3], [1, 17, 2, 3], [17, 17, 3, 3], [17, 50, 4, 1], [33, 50, 4, 0], [49, 50, 4, 2],
+    ]
+    assert [group_size(n) for n in (1, 2, 6, 10, 64, 256, 1024, 1025)] == [2, 2, 4, 4, 8, 16, 32, 64]
+    # B=1, H=12, R*P = 2048: one long sequence takes the two-level walk, a short one or many rows do not.
+    assert use_two_levels(12, 1024, 2048) and use_two_levels(12, 256, 2048)
+    assert not use_two_levels(12, 16, 2048) and not use_two_levels(8 * 12, 1024, 2048)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_kernel_matches_the_reference_step(dtype):
+    """R 200 (padded to 256) puts P 40 over two P-blocks; with and without a state, the caller's
+    state untouched, and an in-place update giving the same state."""
+    from muse_lm.ops import semiseparable_step
+    from muse_lm.ops.semiseparable.reference import semiseparable_step_reference
+    from muse_lm.ops.semiseparable.step_triton import semiseparable_step_forward
+
+    b, h, r, p = 2, 3, 200, 40
+    gen = torch.Generator().manual_seed(9)
+    x, u, v = (torch.randn(b, h, n, generator=gen).to(dtype) for n in (p, r, r))
+    log_a = -3.0 * torch.rand(b, h, generator=gen)
+    state = torch.randn(b, h, r, p, generator=gen)
+    kept = state.clone()
+    tol = TOL if dtype == torch.float32 else 1e-2  # bf16: y is rounded to bf16
+    for prev in (state, None):
+        y, new = semiseparable_step(x, u, v, log_a, prev, impl="triton")
+        y_ref, new_ref = semiseparable_step_reference(x.double(), u.double(), v.double(), log_a.double(),
+                                                      None if prev is None else prev.double())
+        assert y.dtype == dtype and new.dtype == torch.float32
+        assert rel(y, y_ref) < tol and rel(new, new_ref) < TOL
+    assert torch.equal(state, kept)
+    y_in, new_in = semiseparable_step_forward(x, u, v, log_a, state, out_state=state)
+    assert new_in.data_ptr() == state.data_ptr()
+    y, new = semiseparable_step(x, u, v, log_a, kept, impl="triton")
+    assert torch.equal(new_in, new) and torch.equal(y_in, y)
+
+
+@interp
+def test_step_kernel_steps_equal_the_scan_and_its_gradients_the_reference():
+    from muse_lm.ops import semiseparable_step
+    from muse_lm.ops.semiseparable.reference import semiseparable_step_reference
+
+    x, u, v, log_a, h0, dy, dfinal = problem(2, 9, 2, 5, 7, seed=10)
+    y_scan, f_scan = semiseparable_scan(x, u, v, log_a, initial_state=h0, output_final_state=True,
+                                        chunk_size=16, impl="triton")
+    state, ys = h0, []
+    for t in range(9):
+        y_t, state = semiseparable_step(x[:, t], u[:, t], v[:, t], log_a[:, t], state, impl="triton")
+        ys.append(y_t)
+    assert rel(torch.stack(ys, 1), y_scan) < 1e-5 and rel(state, f_scan) < 1e-5
+    # Autograd through one step (the backward runs in torch) against the fp64 reference's.
+    leaves = [t.clone().requires_grad_() for t in (x[:, 0], u[:, 0], v[:, 0], log_a[:, 0], h0)]
+    y_t, new = semiseparable_step(*leaves, impl="triton")
+    assert "SemiseparableStepTriton" in type(y_t.grad_fn).__name__
+    got = torch.autograd.grad((y_t * dy[:, 0]).sum() + (new * dfinal).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    y_r, new_r = semiseparable_step_reference(*ref)
+    want = torch.autograd.grad((y_r * dy[:, 0].double()).sum() + (new_r * dfinal.double()).sum(), ref)
+    for name, g, w in zip(("x", "u", "v", "log_a", "state"), got, want):
+        assert g.shape == w.shape and rel(g, w) < TOL, name
+    # Without a state (the first token) the log-decay has no gradient to give.
+    y_t, new = semiseparable_step(*leaves[:4], None, impl="triton")
+    got = torch.autograd.grad((y_t * dy[:, 0]).sum() + (new * dfinal).sum(), leaves[:4])
+    y_r, new_r = semiseparable_step_reference(*ref[:4], None)
+    want = torch.autograd.grad((y_r * dy[:, 0].double()).sum() + (new_r * dfinal.double()).sum(), ref[:4])
+    for name, g, w in zip(("x", "u", "v", "log_a"), got, want):
+        assert torch.allclose(g.double(), w, atol=1e-5), name
+
+
+def test_step_fp64_with_impl_triton_is_refused_and_impl_none_on_cpu_is_the_reference():
+    from muse_lm.ops import semiseparable_step
+
+    gen = torch.Generator().manual_seed(2)
+    x, u, v = (torch.randn(1, 2, n, generator=gen) for n in (3, 4, 4))
+    log_a, state = -torch.rand(1, 2, generator=gen), torch.randn(1, 2, 4, 3, generator=gen)
+    with pytest.raises(NotImplementedError, match="impl='torch'"):
+        semiseparable_step(x, u, v, log_a, state.double(), impl="triton")
+    xg = x.clone().requires_grad_()
+    y, _ = semiseparable_step(xg, u, v, log_a, state)
+    assert "Triton" not in type(y.grad_fn).__name__

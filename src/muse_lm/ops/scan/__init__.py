@@ -47,7 +47,9 @@ def linear_recurrence(
         reverse: scan from the end: h_t = a_t * h_{t+1} + b_t. Exactly
             `linear_recurrence(a.flip(1), b.flip(1), initial=initial).flip(1)`.
         initial: [B,...] h_0 (h_{T+1} when reverse), None for zeros.
-        impl: None | "torch" | "triton".
+        impl: None | "torch" | "triton". None uses the Triton kernel (`linrec_triton.py`) for CUDA
+            tensors in fp32 math (a, b fp32/bf16/fp16); fp64 always runs on the reference, and
+            impl="triton" with it raises NotImplementedError.
     Returns:
         h [B,T,...] in a's dtype. Differentiable in a, b and initial.
     Example:
@@ -76,8 +78,19 @@ def linear_recurrence(
                 f"(a's shape {tuple(a.shape)} without the time dim 1)"
             )
         _check_device(op, "initial", initial, a, "a")
-    resolve_impl(op, impl, a, b, has_triton_kernel=False)
-    return linear_recurrence_reference(a, b, reverse=reverse, initial=initial)
+    # The kernel computes in fp32; fp64 stays on the reference (impl=None routes it there on CUDA too).
+    fp32_math = a.dtype != torch.float64
+    if impl == "triton" and not fp32_math:
+        raise NotImplementedError(
+            f"{op}: the Triton kernel computes in fp32 but got a and b {a.dtype}; pass impl='torch' (or "
+            "impl=None, which routes fp64 to the reference) or convert a and b with .float()"
+        )
+    if resolve_impl(op, impl, a, b, has_triton_kernel=fp32_math) == "torch":
+        return linear_recurrence_reference(a, b, reverse=reverse, initial=initial)
+    # Imported here: Triton is optional, and its interpreter reads TRITON_INTERPRET at kernel definition.
+    from muse_lm.ops.scan.linrec_triton import linear_recurrence_triton
+
+    return linear_recurrence_triton(a, b, reverse=reverse, initial=initial)
 
 
 def _check_z(op: str, z: object, k_dim: int, ref: Tensor) -> None:

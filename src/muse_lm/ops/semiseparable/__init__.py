@@ -108,12 +108,11 @@ def semiseparable_scan(
         cu_seqlens: int32/int64 [N+1], 0 = c_0 <= ... <= c_N = T, with B = 1: packed sequences,
             the state restarts at every boundary.
         chunk_size: tokens per chunk of the chunked algorithm (the result does not depend on it).
-        impl: None | "torch" | "triton". None runs the torch reference on every device for now (the
-            Triton kernel becomes the CUDA default once it has passed the GPU check). "triton" runs
-            `triton.py` (chunked SSD forward and backward; CUDA, or CPU under TRITON_INTERPRET=1) for
+        impl: None | "torch" | "triton". None runs `triton.py` for CUDA tensors (chunked SSD forward
+            and backward, cu_seqlens included) unless an input is fp64, and the torch reference on the
+            CPU and for fp64. "triton" runs the kernel (CUDA, or CPU under TRITON_INTERPRET=1) for
             fp32/bf16/fp16 x, u, v with fp32 log_a and initial_state; fp64 inputs with "triton" raise
-            NotImplementedError. cu_seqlens calls always run on the reference, "triton" included: the
-            kernel has no packed-sequence support yet.
+            NotImplementedError.
     Returns:
         (y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] in fp32/fp64 or None).
     Example:
@@ -123,10 +122,8 @@ def semiseparable_scan(
         (torch.Size([1, 8, 2, 4]), torch.Size([1, 2, 3, 4]))
     """
     _validate_scan(x, u, v, log_a, initial_state, cu_seqlens, chunk_size)
-    if impl == "triton" and cu_seqlens is None:
-        return _scan_triton(x, u, v, log_a, initial_state, output_final_state, chunk_size)
-    if impl != "triton":  # "triton" with cu_seqlens: the reference (see the docstring)
-        resolve_impl("semiseparable_scan", impl, x, u, v, log_a, has_triton_kernel=False)
+    if _pick("semiseparable_scan", impl, (x, u, v, log_a), x, log_a, initial_state) == "triton":
+        return _scan_triton(x, u, v, log_a, initial_state, output_final_state, cu_seqlens, chunk_size)
     return semiseparable_chunked(
         x,
         u,
@@ -139,26 +136,29 @@ def semiseparable_scan(
     )
 
 
-def _scan_triton(x, u, v, log_a, initial_state, output_final_state, chunk_size):
-    op = "semiseparable_scan"
-    fp32_math = (
-        x.dtype != torch.float64
-        and log_a.dtype == torch.float32
-        and (initial_state is None or initial_state.dtype == torch.float32)
+def _pick(op: str, impl: str | None, tensors: tuple, x: Tensor, log_a: Tensor, state: Tensor | None) -> str:
+    """"torch" or "triton". The kernels compute in fp32: impl=None takes them for CUDA tensors unless
+    an input is fp64 (the reference's, as documented); an explicit "triton" for fp64 raises the fix."""
+    fp32_math = x.dtype != torch.float64 and log_a.dtype == torch.float32 and (
+        state is None or state.dtype == torch.float32
     )
-    if not fp32_math:
+    if impl == "triton" and not fp32_math:
         raise NotImplementedError(
-            f"{op}: the Triton kernel computes in fp32 but got x {x.dtype}, log_a {log_a.dtype}"
-            + ("" if initial_state is None else f", initial_state {initial_state.dtype}")
-            + "; pass impl='torch' (or impl=None) for fp64, or convert x, u, v to float32/bfloat16 and "
-            "log_a, initial_state to float32"
+            f"{op}: the Triton kernel computes in fp32 but got data {x.dtype}, log-decay {log_a.dtype}"
+            + ("" if state is None else f", state {state.dtype}")
+            + "; pass impl='torch' (or impl=None) for fp64, or convert the data to float32/bfloat16 and "
+            "the log-decay and state to float32"
         )
-    resolve_impl(op, "triton", x, u, v, log_a, has_triton_kernel=True)
+    return resolve_impl(op, impl, *tensors, has_triton_kernel=fp32_math)
+
+
+def _scan_triton(x, u, v, log_a, initial_state, output_final_state, cu_seqlens, chunk_size):
     # Imported here: Triton is optional, and its interpreter reads TRITON_INTERPRET at kernel definition.
     from muse_lm.ops.semiseparable.triton import semiseparable_triton
 
     return semiseparable_triton(
-        x, u, v, log_a, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
+        x, u, v, log_a, initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size,
     )
 
 
@@ -175,7 +175,10 @@ def semiseparable_step(
 
     Args:
         x_t: [B,H,P]; u_t, v_t: [B,H,R]; log_a_t: [B,H] fp32/fp64;
-        state: [B,H,R,P] fp32/fp64, or None for zeros (the first token).
+        state: [B,H,R,P] fp32/fp64, or None for zeros (the first token). Never modified: the new
+            state is a new tensor.
+        impl: as in `semiseparable_scan`: None runs `step_triton.py` for CUDA tensors (unless an
+            input is fp64) and the reference otherwise; "triton" forces the kernel.
     """
     op = "semiseparable_step"
     _check_tensor(op, "x_t", x_t, 3, "[B,H,P]", _DATA_DTYPES)
@@ -194,5 +197,8 @@ def semiseparable_step(
     if state is not None:
         _check_tensor(op, "state", state, 4, "[B,H,R,P]", _STATE_DTYPES)
         _check_same(op, "state", state, (batch, heads, r_dim, p_dim), "[B,H,R,P]", x_t)
-    resolve_impl(op, impl, x_t, u_t, v_t, log_a_t, has_triton_kernel=False)
+    if _pick(op, impl, (x_t, u_t, v_t, log_a_t), x_t, log_a_t, state) == "triton":
+        from muse_lm.ops.semiseparable.step_triton import semiseparable_step_triton
+
+        return semiseparable_step_triton(x_t, u_t, v_t, log_a_t, state)
     return semiseparable_step_reference(x_t, u_t, v_t, log_a_t, state)

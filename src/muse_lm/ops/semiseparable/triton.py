@@ -13,13 +13,14 @@ nothing overflows however strong the decay; exp(+cum) * exp(-cum) is never forme
 Forward, three launches:
  1. `_chunk_state_kernel`: each chunk's own contribution (diag(e^(g-cum)) U)^T X  [B,H,NC,R,P] fp32,
     one program per (chunk, b*h, P-block): fully parallel, a tl.dot per program.
- 2. `_state_pass_kernel`: the only sequential part, S_{c+1} = e^{g_c} S_c + local_c, elementwise on the
-    R*P state (memory-bound, parallel over b*h and blocks of R*P); overwrites each chunk's local
-    contribution with the state *entering* it and writes the final state.
+ 2. `state_pass.state_pass`: the only sequential part, S_{c+1} = e^{g_c} S_c + local_c, elementwise on
+    the R*P state; overwrites each chunk's local contribution with the state *entering* it and writes
+    the final state. One level (a walk over all chunks per (b*h, block of R*P)) or, for long T with
+    few sequences, two (groups of chunks walked in parallel, a short walk over the groups, a fix-up).
  3. `_chunk_output_kernel`: Y per (chunk, b*h, P-block) from the entering state, three tl.dots.
 Backward (dY, dS_final), the mirror image; the entering states are saved by the forward:
  1. the same `_chunk_state_kernel` with weights e^cum gives each chunk's V^T diag(e^cum) dY;
- 2. the same `_state_pass_kernel` run from the end gives dS'_c, the gradient reaching the state that
+ 2. the same state pass run from the end gives dS'_c, the gradient reaching the state that
     leaves chunk c (dS'_{c-1} = e^{g_c} dS'_c + V_c^T diag(e^cum) dY_c), and d initial_state;
  3. recompute the chunk's products and write dX, dU, dV and d log_a.
     With A = V U^T o L, dA = dY X^T o L:
@@ -40,8 +41,14 @@ nothing and decays nothing, so the padded chunk's g equals its last real token's
 R is kept whole in every program (padded to a power of two >= 16; the output needs all of R), P is
 split in blocks of BP (the state and the output are independent across P). Products accumulate in
 fp32; fp32 inputs multiply exactly ("ieee"), bf16/fp16 inputs are widened to fp32 and multiplied on
-tf32 tensor cores (see `_dot`). Not supported here: cu_seqlens (the public op runs the reference for
-it) and fp64 (the reference).
+tf32 tensor cores (see `_dot`). Not supported here: fp64 (the reference).
+
+Packed sequences (cu_seqlens, B = 1): each sequence is cut into its own chunks (`state_pass.chunk_table`:
+first token and sequence end per chunk), so no chunk straddles a boundary; every chunk kernel reads its
+span from the table and masks rows past its sequence's end exactly like a ragged last chunk, and the
+state pass restarts at each sequence's first chunk (its initial state, or zeros) and writes a final
+state per sequence. A sequence of L tokens costs ceil(L / C) chunks, so many very short sequences pay
+for padding (a smaller chunk_size helps there); an empty one is a chunk of no tokens.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops.semiseparable.state_pass import chunk_table, state_pass
 
 __all__ = [
     "CONFIGS",
@@ -98,8 +106,6 @@ CONFIGS = (
     SSDConfig(64, 4, 1),
     SSDConfig(64, 8, 1),
 )
-_STATE_BLOCK = 256  # elements of the R*P state per program of the state pass (at most)
-_STATE_PROGRAMS = 264  # two per SM of an H100: below this the state pass halves its block (down to 64)
 _MIN_CHUNK, _MAX_CHUNK = 16, 64
 
 
@@ -174,11 +180,24 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C: tl.constexpr):
+def _chunk_span(tab_ptr, i_c, T, C: tl.constexpr, VARLEN: tl.constexpr):
+    """(t0, t_end): chunk i_c's first token and the end (exclusive) of the tokens it may touch: T, or
+    with cu_seqlens its sequence's end from the chunk table (a chunk never crosses a boundary)."""
+    if VARLEN:
+        t0 = tl.load(tab_ptr + i_c * 4)
+        t_end = tl.load(tab_ptr + i_c * 4 + 1)
+    else:
+        t0 = i_c * C
+        t_end = T
+    return t0, t_end
+
+
+@triton.jit
+def _load_chunk_decay(la_ptr, i_b, i_h, t0, T, T_END, H, C: tl.constexpr):
     """cum [C] (inclusive cumulative log-decay from the chunk's first token; 0 on padded rows added
-    to nothing) and the chunk's total g, for batch row i_b, head i_h, tokens t0 .. t0+C-1."""
+    to nothing) and the chunk's total g, for batch row i_b, head i_h, tokens t0 .. min(t0+C, T_END)-1."""
     o_t = t0 + tl.arange(0, C)
-    la = tl.load(la_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, mask=o_t < T, other=0.0).to(tl.float32)
+    la = tl.load(la_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, mask=o_t < T_END, other=0.0).to(tl.float32)
     cum = tl.cumsum(la, 0)
     return cum, tl.sum(la, 0)
 
@@ -187,11 +206,11 @@ def _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C: tl.constexpr):
 # 64-bit element pointers would hold two registers per element for the whole kernel, and the chunk
 # kernels are register-bound. Out-of-range rows/columns are zero on load and skipped on store.
 @triton.jit
-def _rows(ptr, i_b, i_h, t0, w0, T, H, W, C: tl.constexpr, BW: tl.constexpr):
-    """Block pointer to rows t0 .. t0+C-1, columns w0 .. w0+BW-1 of head i_h, batch row i_b of a
-    contiguous [B,T,H,W] tensor."""
+def _rows(ptr, i_b, i_h, t0, w0, T, T_END, H, W, C: tl.constexpr, BW: tl.constexpr):
+    """Block pointer to rows t0 .. t0+C-1 (those before T_END), columns w0 .. w0+BW-1 of head i_h,
+    batch row i_b of a contiguous [B,T,H,W] tensor."""
     base = ptr + (i_b.to(tl.int64) * T * H + i_h) * W
-    return tl.make_block_ptr(base, (T, W), (H * W, 1), (t0, w0), (C, BW), (1, 0))
+    return tl.make_block_ptr(base, (T_END, W), (H * W, 1), (t0, w0), (C, BW), (1, 0))
 
 
 @triton.jit
@@ -209,20 +228,23 @@ def _state_tile(ptr, i_bh, i_c, p0, R, P, NC, RB: tl.constexpr, BP: tl.constexpr
 
 @triton.jit
 def _chunk_state_kernel(
-    a_ptr, b_ptr, la_ptr, out_ptr, g_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
-    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, FROM_START: tl.constexpr, PREC: tl.constexpr,
+    a_ptr, b_ptr, la_ptr, out_ptr, g_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, FROM_START: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """out[b,h,c] = (diag(w) A_c)^T B_c  [R, P] fp32, with A = u (or v), B = x (or dY) [B,T,H,*] and
     w = e^(g - cum) (decayed to the chunk's end: the forward) or e^cum (from its start: the backward).
     Also writes each chunk's total log-decay g to g_ptr [B*H, NC] fp32, for the state pass."""
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c * C
-    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
     w = tl.exp(cum) if FROM_START else tl.exp(g - cum)
     p0 = i_p * BP
-    a = tl.load(_rows(a_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), boundary_check=(0, 1), padding_option="zero")
-    bt = tl.load(_rows(b_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), boundary_check=(0, 1), padding_option="zero")
+    a = tl.load(_rows(a_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB), boundary_check=(0, 1),
+                padding_option="zero")
+    bt = tl.load(_rows(b_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP), boundary_check=(0, 1),
+                 padding_option="zero")
     aw = a.to(tl.float32) * w[:, None]
     bt = bt.to(tl.float32)
     local = _dot(tl.trans(aw), bt, PREC)
@@ -231,68 +253,19 @@ def _chunk_state_kernel(
 
 
 @triton.jit
-def _state_load(st_ptr, g_ptr, i_bh, i, o_e, m_e, NC, RP, REVERSE: tl.constexpr):
-    """(g, local contribution [BLOCK]) of the i-th chunk walked (zeros once i reaches NC)."""
-    c = NC - 1 - i if REVERSE else i
-    row = i_bh.to(tl.int64) * NC + c
-    g = tl.load(g_ptr + row, mask=i < NC, other=0.0)
-    local = tl.load(st_ptr + row * RP + o_e, mask=m_e & (i < NC), other=0.0)
-    return g, local
-
-
-@triton.jit
-def _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE: tl.constexpr):
-    """Writes the carried value s entering the i-th chunk walked over its local contribution (already
-    loaded as g, local) and returns (e^g s + local, the next chunk's g and contribution). The next
-    loads are issued before this chunk's store and update, so their latency hides behind them."""
-    g_next, local_next = _state_load(st_ptr, g_ptr, i_bh, i + 1, o_e, m_e, NC, RP, REVERSE)
-    c = NC - 1 - i if REVERSE else i
-    tl.store(st_ptr + (i_bh.to(tl.int64) * NC + c) * RP + o_e, s, mask=m_e)
-    return tl.exp(g) * s + local, g_next, local_next
-
-
-@triton.jit
-def _state_pass_kernel(
-    st_ptr, g_ptr, init_ptr, final_ptr, NC, RP, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """st [B,H,NC,R*P] fp32 holds each chunk's local contribution; walks the chunks (from the end when
-    REVERSE) carrying s = e^{g_c} s + local_c, writes the carried value entering each chunk in place of
-    its contribution, and the value after the last chunk to final [B,H,R*P]. init [B,H,R*P] or zeros;
-    g [B*H, NC] the chunks' total log-decays."""
-    i_bh, i_e = tl.program_id(0), tl.program_id(1)
-    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
-    m_e = o_e < RP
-    if HAS_INIT:
-        s = tl.load(init_ptr + i_bh.to(tl.int64) * RP + o_e, mask=m_e, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros([BLOCK], dtype=tl.float32)
-    g, local = _state_load(st_ptr, g_ptr, i_bh, 0, o_e, m_e, NC, RP, REVERSE)
-    if INTERPRET:  # Triton 3.6's interpreter cannot take a runtime bound in range() under NumPy 2
-        i = 0
-        while i < NC:
-            s, g, local = _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE)
-            i += 1
-    else:
-        for i in range(0, NC):
-            s, g, local = _state_step(st_ptr, g_ptr, i_bh, i, s, g, local, o_e, m_e, NC, RP, REVERSE)
-    tl.store(final_ptr + i_bh.to(tl.int64) * RP + o_e, s, mask=m_e)
-
-
-@triton.jit
 def _chunk_output_kernel(
-    x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, y_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
-    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, y_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """y = (V U^T o L) X + diag(e^cum) V S for one (chunk, b*h, P-block); S = state entering the chunk."""
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c * C
-    cum, _ = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
+    t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
+    cum, _ = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
     p0 = i_p * BP
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
-    x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
     s = tl.load(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP), boundary_check=(0, 1), padding_option="zero")
     o_c = tl.arange(0, C)
     causal = o_c[:, None] >= o_c[None, :]
@@ -301,23 +274,25 @@ def _chunk_output_kernel(
     scores = _dot(v, tl.trans(u), PREC) * decay
     y = _dot(scores, x, PREC)
     y += _dot(v * tl.exp(cum)[:, None], s, PREC)
-    tl.store(_rows(y_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), y.to(y_ptr.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(y_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP), y.to(y_ptr.dtype.element_ty),
+             boundary_check=(0, 1))
 
 
 @triton.jit
 def _chunk_dx_kernel(
-    u_ptr, v_ptr, la_ptr, dst_ptr, dy_ptr, dx_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
-    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+    u_ptr, v_ptr, la_ptr, dst_ptr, dy_ptr, dx_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dX = A^T dY + diag(e^(g-cum)) U dS' for one (chunk, b*h, P-block), A = V U^T o L; dS' = gradient
     of the state leaving the chunk, [B,H,NC,R,P] fp32."""
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    t0, p0 = i_c * C, i_p * BP
-    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
-    dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+    t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
+    p0 = i_p * BP
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
     ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
     o_c = tl.arange(0, C)
     # A^T[s, t] = (u_s . v_t) exp(cum_t - cum_s) for t >= s, built transposed (no register transpose);
@@ -325,14 +300,15 @@ def _chunk_dx_kernel(
     causal_t = o_c[:, None] <= o_c[None, :]
     a_t = _dot(u, tl.trans(v), PREC) * tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))
     dx = _dot(a_t, dy, PREC) + _dot(u * tl.exp(g - cum)[:, None], ds, PREC)
-    tl.store(_rows(dx_ptr, i_b, i_h, t0, p0, T, H, P, C, BP), dx.to(dx_ptr.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(dx_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP), dx.to(dx_ptr.dtype.element_ty),
+             boundary_check=(0, 1))
 
 
 @triton.jit
 def _chunk_duv_kernel(
     x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, dst_ptr, dy_ptr, du_ptr, dv_ptr, dla_ptr,
-    T, H, R, P: tl.constexpr, NC, LOG_BH, LOG_NC,
-    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
+    tab_ptr, T, H, R, P: tl.constexpr, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dU, dV (in u's dtype) and d log_a (fp32) of one (chunk, b*h). S, dS' = state entering /
     gradient of the state leaving the chunk, [B,H,NC,R,P] fp32 each. The terms that sum over P
@@ -340,14 +316,14 @@ def _chunk_duv_kernel(
     every output is written once, whole (no partials, no atomics). Formulas: the module docstring."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    t0 = i_c * C
+    t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     dyx = tl.zeros([C, C], dtype=tl.float32)  # dY X^T
     xds = tl.zeros([C, RB], dtype=tl.float32)  # X dS'^T
     dys = tl.zeros([C, RB], dtype=tl.float32)  # dY S^T
     sds = tl.zeros([RB, BP], dtype=tl.float32)  # S o dS', summed at the end
     for p0 in range(0, P, BP):
-        x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
-        dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, H, P, C, BP))
+        x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
+        dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
         s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
         ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
         dyx += _dot(dy, tl.trans(x), PREC)
@@ -355,9 +331,9 @@ def _chunk_duv_kernel(
         dys += _dot(dy, tl.trans(s), PREC)
         sds += s * ds
 
-    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, H, C)
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, H, R, C, RB))
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
+    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     w_start = tl.exp(cum)  # e^cum: from the chunk's start to t
     w_end = tl.exp(g - cum)  # e^(g - cum): from t to the chunk's end
     o_c = tl.arange(0, C)
@@ -365,8 +341,10 @@ def _chunk_duv_kernel(
     da = dyx * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # dY X^T o L
     du = _dot(tl.trans(da), v, PREC) + w_end[:, None] * xds
     dv = _dot(da, u, PREC) + w_start[:, None] * dys
-    tl.store(_rows(du_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), du.to(du_ptr.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(_rows(dv_ptr, i_b, i_h, t0, 0, T, H, R, C, RB), dv.to(dv_ptr.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(_rows(du_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB), du.to(du_ptr.dtype.element_ty),
+             boundary_check=(0, 1))
+    tl.store(_rows(dv_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB), dv.to(dv_ptr.dtype.element_ty),
+             boundary_check=(0, 1))
     # d cum through L (dA o V U^T: row sums in, column sums out), through e^cum
     # (<dY_t, (V S)_t> = <v_t, (dY S^T)_t>) and through e^(g - cum); g = cum_{C-1} collects
     # e^g <S, dS'> and the sum of the last.
@@ -377,14 +355,12 @@ def _chunk_duv_kernel(
     dcum += tl.where(o_c == C - 1, dg, 0.0)
     dla = tl.cumsum(dcum, 0, reverse=True)  # d log_a_j = sum_{t >= j} dcum_t within the chunk
     o_t = t0 + o_c
-    tl.store(dla_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, dla, mask=o_t < T)
+    tl.store(dla_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, dla, mask=o_t < t_end)
 
 
 def _prec(dtype: torch.dtype) -> str:
     """The `_dot` mode: fp32 inputs keep exact fp32 products, bf16/fp16 inputs run on tf32 tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
 
 
 # Tuned per (P, R, chunk, bit length of B*H and of the number of chunks): the best P-block depends on
@@ -398,7 +374,8 @@ _chunk_duv_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_du
 
 def _launch_chunks(kernel, tuned, shape, config: SSDConfig | None, args: tuple, **meta) -> None:
     """Runs a chunk kernel over grid (chunks, B*H, P-blocks) with `config`, or autotuned on CUDA when
-    config is None; `_chunk_duv_kernel` walks P itself (grid (chunks, B*H)). shape = (B, T, H, P, R, NC)."""
+    config is None; `_chunk_duv_kernel` walks P itself (grid (chunks, B*H)). shape = (B, T, H, P, R, NC);
+    args end with the chunk table (any tensor without VARLEN)."""
     b, t, h, p, r, nc = shape
     full = (*args, t, h, r, p, nc, (b * h).bit_length(), nc.bit_length())
     walks_p = kernel is _chunk_duv_kernel
@@ -408,29 +385,6 @@ def _launch_chunks(kernel, tuned, shape, config: SSDConfig | None, args: tuple, 
     cfg = config or default_config(p)
     grid = (nc, b * h, 1 if walks_p else triton.cdiv(p, cfg.block_p))
     kernel[grid](*full, BP=cfg.block_p, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-
-
-def _state_block(n_heads: int, state_size: int) -> int:
-    """Elements of the R*P state per program of the state pass: each program's walk over the chunks is
-    latency-bound, so with few sequences (B*H small) smaller blocks give more programs in flight."""
-    block = _STATE_BLOCK
-    while block > 64 and n_heads * triton.cdiv(state_size, block) < _STATE_PROGRAMS:
-        block //= 2
-    return block
-
-
-def _state_pass(states: Tensor, g: Tensor, init: Tensor | None, shape, reverse: bool) -> Tensor:
-    """In place over states [B,H,NC,R,P] (local contributions -> carried values entering each chunk),
-    g [B*H, NC] the chunks' total log-decays; returns the value after the last chunk walked, [B,H,R,P]."""
-    b, t, h, p, r, nc = shape
-    final = torch.empty(b, h, r, p, device=states.device, dtype=torch.float32)
-    block = _state_block(b * h, r * p)
-    grid = (b * h, triton.cdiv(r * p, block))
-    _state_pass_kernel[grid](
-        states, g, init if init is not None else final, final, nc, r * p,
-        BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, INTERPRET=interpreter_enabled(),
-    )
-    return final
 
 
 def _check_kernel_inputs(x: Tensor, log_a: Tensor, initial_state: Tensor | None) -> None:
@@ -445,6 +399,68 @@ def _check_kernel_inputs(x: Tensor, log_a: Tensor, initial_state: Tensor | None)
         )
 
 
+def _layout(x: Tensor, u: Tensor, chunk_size: int, cu_seqlens: Tensor | None):
+    """(shape (B, T, H, P, R, NC), kernel chunk, chunk table or None, number of sequences)."""
+    b, t, h, p = x.shape
+    chunk = kernel_chunk(chunk_size)
+    if cu_seqlens is None:
+        return (b, t, h, p, u.shape[-1], triton.cdiv(t, chunk)), chunk, None, b
+    if b != 1:
+        raise ValueError(f"semiseparable_triton: with cu_seqlens the batch size must be 1, got B={b}")
+    table = chunk_table(cu_seqlens, chunk, x.device)
+    return (b, t, h, p, u.shape[-1], table.shape[0]), chunk, table, cu_seqlens.numel() - 1
+
+
+def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out):
+    shape, chunk, table, n_seq = layout
+    b, t, h, p, r, nc = shape
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
+    states = torch.empty(b, h, nc, r, p, device=x.device, dtype=torch.float32)
+    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
+        out.zero_()
+        final = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
+        return out, (final if initial_state is None else final + initial_state), states
+    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+    tab = g if table is None else table
+    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g, tab),
+                   FROM_START=False, **meta)
+    init = None if initial_state is None else initial_state.contiguous()
+    final = state_pass(states, g, init, n_seq, h, table, reverse=False, two_levels=two_levels)
+    _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out, tab),
+                   **meta)
+    return out, final, states
+
+
+def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels):
+    shape, chunk, table, n_seq = layout
+    b, t, h, p, r, nc = shape
+    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: every gradient is empty or zero
+        d_init = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
+        if grad_final is not None:  # an empty state (or no token in the way) passes its gradient through
+            d_init = d_init + grad_final
+        return torch.zeros_like(x), torch.zeros_like(u), torch.zeros_like(v), torch.zeros_like(log_a), d_init
+    # Autograd may hand an expanded (broadcast) gradient: materialize it.
+    dy = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+    dfinal = None if grad_final is None else grad_final.to(torch.float32).contiguous()
+    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
+    dstates = torch.empty_like(states)
+    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+    tab = g if table is None else table
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g, tab),
+                   FROM_START=True, **meta)
+    d_init = state_pass(dstates, g, dfinal, n_seq, h, table, reverse=True, two_levels=two_levels)
+    dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
+    dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
+    _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx, tab), **meta)
+    _launch_chunks(_chunk_duv_kernel, _chunk_duv_tuned, shape, config,
+                   (x, u, v, log_a, states, dstates, dy, du, dv, dla, tab), **meta)
+    return dx, du, dv, dla, d_init
+
+
 def semiseparable_forward(
     x: Tensor,
     u: Tensor,
@@ -455,36 +471,22 @@ def semiseparable_forward(
     config: SSDConfig | None = None,
     *,
     out: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    two_levels: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [B,T,H,P] in x's dtype, final state [B,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no autograd.
+    """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no
+    autograd.
 
     x [B,T,H,P], u, v [B,T,H,R] (one dtype: fp32/bf16/fp16), log_a [B,T,H] fp32, initial_state
-    [B,H,R,P] fp32 or None. `out` (contiguous, shaped and typed like x) is written in place when given
-    (tests poison it). The entering states are what the backward needs.
+    [B|N,H,R,P] fp32 or None. cu_seqlens [N+1] (B = 1): packed sequences, each in its own chunks (NC
+    counts them all). two_levels: the walk over chunk states in two levels (True), one (False) or
+    chosen by `state_pass.use_two_levels` (None). `out` (contiguous, shaped and typed like x) is
+    written in place when given (tests poison it). The entering states are what the backward needs.
     """
     _check_kernel_inputs(x, log_a, initial_state)
     x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
-    b, t, h, p = x.shape
-    r = u.shape[-1]
-    chunk = kernel_chunk(chunk_size)
-    nc = triton.cdiv(t, chunk)
-    shape = (b, t, h, p, r, nc)
-    if out is None:
-        out = torch.empty_like(x)
-    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
-    states = torch.empty(b, h, nc, r, p, device=x.device, dtype=torch.float32)
-    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
-        out.zero_()
-        return out, torch.zeros(b, h, r, p, device=x.device, dtype=torch.float32), states
-    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype))
-    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g),
-                   FROM_START=False, **meta)
-    init = None if initial_state is None else initial_state.contiguous()
-    final = _state_pass(states, g, init, shape, reverse=False)
-    _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out), **meta)
-    return out, final, states
+    layout = _layout(x, u, chunk_size, cu_seqlens)
+    return _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out)
 
 
 def semiseparable_backward(
@@ -497,33 +499,16 @@ def semiseparable_backward(
     grad_final: Tensor | None,
     chunk_size: int = 64,
     config: SSDConfig | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    two_levels: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, du, dv in x's dtype, d log_a fp32, d initial_state [B,H,R,P] fp32) from the forward's inputs,
-    its entering states and the gradients of y and of the final state (None means zero)."""
+    """(dx, du, dv in x's dtype, d log_a fp32, d initial_state [B|N,H,R,P] fp32) from the forward's
+    inputs (the same cu_seqlens), its entering states and the gradients of y and of the final state
+    (None means zero)."""
     x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
-    b, t, h, p = x.shape
-    r = u.shape[-1]
-    chunk = kernel_chunk(chunk_size)
-    nc = states.shape[2]
-    shape = (b, t, h, p, r, nc)
-    if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: every gradient is empty or zero
-        zero = torch.zeros(b, h, r, p, device=x.device, dtype=torch.float32)
-        return torch.zeros_like(x), torch.zeros_like(u), torch.zeros_like(v), torch.zeros_like(log_a), zero
-    # Autograd may hand an expanded (broadcast) gradient: materialize it.
-    dy = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
-    dfinal = None if grad_final is None else grad_final.to(torch.float32).contiguous()
-    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype))
-    dstates = torch.empty_like(states)
-    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g),
-                   FROM_START=True, **meta)
-    d_init = _state_pass(dstates, g, dfinal, shape, reverse=True)
-    dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
-    dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
-    _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx), **meta)
-    _launch_chunks(_chunk_duv_kernel, _chunk_duv_tuned, shape, config,
-                   (x, u, v, log_a, states, dstates, dy, du, dv, dla), **meta)
-    return dx, du, dv, dla, d_init
+    layout = _layout(x, u, chunk_size, cu_seqlens)
+    return _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels)
 
 
 class SemiseparableTriton(torch.autograd.Function):
@@ -531,23 +516,25 @@ class SemiseparableTriton(torch.autograd.Function):
     inputs and the states entering each chunk ([B,H,NC,R,P] fp32)."""
 
     @staticmethod
-    def forward(ctx, x, u, v, log_a, initial_state, chunk_size: int, config: SSDConfig | None):
+    def forward(ctx, x, u, v, log_a, initial_state, chunk_size: int, config, cu_seqlens, two_levels):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-        y, final, states = semiseparable_forward(x, u, v, log_a, initial_state, chunk_size, config)
+        x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
+        layout = _layout(x, u, chunk_size, cu_seqlens)  # built once: the chunk table costs a host sync
+        y, final, states = _forward(x, u, v, log_a, initial_state, layout, config, two_levels, None)
         ctx.save_for_backward(x, u, v, log_a, states)
-        ctx.chunk_size, ctx.config = chunk_size, config
+        ctx.layout, ctx.config, ctx.two_levels = layout, config, two_levels
         ctx.has_init = initial_state is not None
         return y, final
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
         x, u, v, log_a, states = ctx.saved_tensors
-        dx, du, dv, dla, d_init = semiseparable_backward(
-            x, u, v, log_a, states, grad_y, grad_final, ctx.chunk_size, ctx.config
+        dx, du, dv, dla, d_init = _backward(
+            x, u, v, log_a, states, grad_y, grad_final, ctx.layout, ctx.config, ctx.two_levels
         )
         needs = ctx.needs_input_grad
         grads = [g if n else None for g, n in zip((dx, du, dv, dla), needs[:4])]
-        return (*grads, d_init if ctx.has_init and needs[4] else None, None, None)
+        return (*grads, d_init if ctx.has_init and needs[4] else None, None, None, None, None)
 
 
 def semiseparable_triton(
@@ -558,12 +545,14 @@ def semiseparable_triton(
     *,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
     config: SSDConfig | None = None,
+    two_levels: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Differentiable Triton scan; same contract as `muse_lm.ops.semiseparable_scan` without cu_seqlens
-    (which validates and dispatches here for impl="triton"). config None autotunes over `CONFIGS` on
-    CUDA (the default config under the interpreter)."""
+    """Differentiable Triton scan; same contract as `muse_lm.ops.semiseparable_scan` (which validates and
+    dispatches here). config None autotunes over `CONFIGS` on CUDA (the default config under the
+    interpreter); two_levels as in `semiseparable_forward`."""
     _check_kernel_inputs(x, log_a, initial_state)
-    y, final = SemiseparableTriton.apply(x, u, v, log_a, initial_state, chunk_size, config)
+    y, final = SemiseparableTriton.apply(x, u, v, log_a, initial_state, chunk_size, config, cu_seqlens, two_levels)
     return y, (final if output_final_state else None)
