@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "htt.json"))
     parser.add_argument("--sweep", action="store_true", help="also time every declared kernel config")
+    parser.add_argument("--segment-grid", action="store_true",
+                        help="with --sweep: time a grid of sorted-backward launch shapes")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one triton fwd+bwd")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -102,6 +105,14 @@ def main() -> None:
             "fwd_ms": _median(lambda: tt_triton.tt_lookup_forward(zipf, cores)),
             "bwd_ms": _median(lambda: tt_triton.tt_lookup_backward(zipf, cores, grad)),
         }
+        grid = [tt_triton.SegmentDotConfig(bt, mc, cps, w) for bt in (8, 16, 32) for mc in (16, 64)
+                for cps in (1, 4) for w in (4, 8)] if args.segment_grid else []
+        for seg in (*tt_triton.SEGMENT_CONFIGS, *grid):
+            key = f"sorted_bt{seg.block_t}_mc{seg.min_chunk}_cps{seg.chunks_per_segment}_w{seg.num_warps}"
+            results[key] = {
+                name: _median(_graphed(partial(tt_triton.tt_lookup_backward, i, cores, grad, segment_config=seg)))
+                for name, i in (("bwd_graph_ms", ids), ("zipf_bwd_graph_ms", zipf))
+            }
     if args.profile:
         step = _fwd_bwd(cases["triton"][0], cores, ids, grad)
         step()
@@ -143,6 +154,9 @@ def main() -> None:
     print(f"params: htt {htt.num_parameters():,}  dense {dense.weight.numel():,}")
     print(f"{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'bwd ms':>10}")
     for name, res in results.items():
+        if "fwd_ms" not in res:
+            print(f"{name:<24}" + "  ".join(f"{k} {v:.4f}" for k, v in res.items()))
+            continue
         print(
             f"{name:<24}{res['fwd_ms']:>10.4f}{res.get('fwd_bwd_ms', float('nan')):>12.4f}"
             f"{res.get('bwd_ms', float('nan')):>10.4f}"

@@ -54,6 +54,12 @@ def test_every_config_matches_fp64_reference(shape, dtype, n):
             if method == "sorted":  # no atomics: bitwise reproducible
                 again = tt_triton.tt_lookup_backward(ids, cores, grad, cfg, method=method)
                 assert all(torch.equal(a, b) for a, b in zip(grads, again)), cfg
+    if len(v) == 2:
+        for seg_cfg in tt_triton.SEGMENT_CONFIGS:
+            grads = tt_triton.tt_lookup_backward(ids, cores, grad, method="sorted", segment_config=seg_cfg)
+            for got, want in zip(grads, ref_grads):
+                assert got.dtype == dtype and torch.isfinite(got).all(), seg_cfg
+                assert _rel(got, want) < TOL[dtype] * (3 if dtype == torch.bfloat16 else 10), seg_cfg
 
 
 @pytest.mark.parametrize("K", [2, 3])

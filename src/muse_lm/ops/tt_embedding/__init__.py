@@ -105,7 +105,8 @@ def tt_embedding(ids: Tensor, cores: Sequence[Tensor], *, impl: str | None = Non
     # the kernels are defined.
     from muse_lm.ops.tt_embedding.triton import TTEmbeddingTriton
 
-    out = TTEmbeddingTriton.apply(ids.reshape(-1), None, *cores)
+    # contiguous: a column slice like seq[:, t] reshapes to a strided view, and the kernel reads ids densely.
+    out = TTEmbeddingTriton.apply(ids.reshape(-1).contiguous(), None, *cores)
     return out.reshape(*ids.shape, out.shape[-1])
 
 

@@ -262,9 +262,10 @@ def _tt3_bwd_kernel(
 
 
 @triton.jit
-def _segment_dot_step(
+def _segment_dot_block(
     acc,
     pos,
+    hi,
     order_ptr,
     ids_ptr,
     x_ptr,
@@ -283,22 +284,37 @@ def _segment_dot_step(
     ys_k: tl.constexpr,
     ys_p: tl.constexpr,
     CORE: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    BP: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """acc + X_t @ Y_t for the token at sorted position `pos` (scalar bases: vectorized loads)."""
-    tok = tl.load(order_ptr + pos).to(tl.int64)
-    tid = tl.load(ids_ptr + tok).to(tl.int64)
+    """acc + sum_t X_t @ Y_t over the BT tokens at sorted positions [pos, min(pos + BT, hi)).
+
+    The per-token products are one matmul: X viewed [M, (t, k)] @ Y viewed [(t, k), P], so the
+    sum over tokens runs on tensor cores with contraction BT * BK instead of BT small dots.
+    """
+    t = pos + tl.arange(0, BT)
+    valid = t < hi
+    tok = tl.load(order_ptr + t, mask=valid, other=0).to(tl.int64)
+    tid = tl.load(ids_ptr + tok, mask=valid, other=0).to(tl.int64)
     if CORE == 0:  # dG1: X = grad_out row [a, c], Y = G2[i2] viewed [c, r]
         xb = tok * ROW
         yb = (tid % V2) * SLICE
     else:  # dG2: X = G1[i1] viewed [r, a], Y = grad_out row [a, c]
         xb = (tid // V2) * SLICE
         yb = tok * ROW
-    x = tl.load(x_ptr + xb + m[:, None] * xs_m + k[None, :] * xs_k, mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
-    y = tl.load(y_ptr + yb + k[:, None] * ys_k + p[None, :] * ys_p, mask=(k < K)[:, None] & (p < P)[None, :], other=0.0)
+    # Padding tokens load zeros on both sides, so they add nothing.
+    x_mask = (m < M)[:, None, None] & valid[None, :, None] & (k < K)[None, None, :]
+    x = tl.load(x_ptr + xb[None, :, None] + m[:, None, None] * xs_m + k[None, None, :] * xs_k, mask=x_mask, other=0.0)
+    y_mask = valid[:, None, None] & (k < K)[None, :, None] & (p < P)[None, None, :]
+    y = tl.load(y_ptr + yb[:, None, None] + k[None, :, None] * ys_k + p[None, None, :] * ys_p, mask=y_mask, other=0.0)
+    x2 = tl.reshape(x, (BM, BT * BK))
+    y2 = tl.reshape(y, (BT * BK, BP))
     if IEEE:
-        return acc + tl.dot(x, y, input_precision="ieee")
-    return acc + tl.dot(x, y)
+        return acc + tl.dot(x2, y2, input_precision="ieee")
+    return acc + tl.dot(x2, y2)
 
 
 @triton.jit
@@ -322,6 +338,7 @@ def _segment_dot_kernel(
     ys_k: tl.constexpr,
     ys_p: tl.constexpr,
     CORE: tl.constexpr,
+    BT: tl.constexpr,
     BM: tl.constexpr,
     BK: tl.constexpr,
     BP: tl.constexpr,
@@ -332,75 +349,63 @@ def _segment_dot_kernel(
     """out[part, seg] = sum over the tokens of chunk `part` of segment `seg` of X_t @ Y_t (`[M, P]`).
 
     Tokens come in digit order (`order_ptr`, segment offsets `seg_ptr`: V + 1 of them); CORE picks
-    which core's gradient this is (see `_segment_dot_step`).
+    which core's gradient this is (see `_segment_dot_block`).
     """
     seg = tl.program_id(0)
     part = tl.program_id(1)
     start = tl.load(seg_ptr + seg)
     end = tl.load(seg_ptr + seg + 1)
-    # At least MIN_CHUNK tokens per program: a frequent digit gets all SPLIT programs, a rare one
-    # a few (the rest store zeros).
+    # At least MIN_CHUNK tokens per program, in whole blocks of BT: a frequent digit gets all
+    # SPLIT programs, a rare one a few (the rest store zeros).
     chunk = tl.maximum((end - start + SPLIT - 1) // SPLIT, MIN_CHUNK)
+    chunk = (chunk + BT - 1) // BT * BT
     lo = start + part * chunk
     hi = tl.minimum(lo + chunk, end)
     m = tl.arange(0, BM)
     k = tl.arange(0, BK)
     p = tl.arange(0, BP)
     acc = tl.zeros([BM, BP], dtype=tl.float32)
+    args = (order_ptr, ids_ptr, x_ptr, y_ptr, m, k, p, V2, ROW, SLICE, M, K, P)
     if INTERPRET:  # Triton 3.6's interpreter cannot take loaded bounds in range()
         pos = lo
         while pos < hi:
-            acc = _segment_dot_step(
-                acc,
-                pos,
-                order_ptr,
-                ids_ptr,
-                x_ptr,
-                y_ptr,
-                m,
-                k,
-                p,
-                V2,
-                ROW,
-                SLICE,
-                M,
-                K,
-                P,
-                xs_m,
-                xs_k,
-                ys_k,
-                ys_p,
-                CORE,
-                IEEE,
-            )
-            pos += 1
+            acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
+            pos += BT
     else:
-        for pos in tl.range(lo, hi, num_stages=3):
-            acc = _segment_dot_step(
-                acc,
-                pos,
-                order_ptr,
-                ids_ptr,
-                x_ptr,
-                y_ptr,
-                m,
-                k,
-                p,
-                V2,
-                ROW,
-                SLICE,
-                M,
-                K,
-                P,
-                xs_m,
-                xs_k,
-                ys_k,
-                ys_p,
-                CORE,
-                IEEE,
-            )
+        for pos in tl.range(lo, hi, BT, num_stages=2):
+            acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
     offs = ((part * V + seg) * M).to(tl.int64) * P + m[:, None] * P + p[None, :]
     tl.store(out_ptr + offs, acc, mask=(m < M)[:, None] & (p < P)[None, :])
+
+
+@dataclass(frozen=True)
+class SegmentDotConfig:
+    """The sorted backward's launch shape.
+
+    block_t: tokens per tl.dot (contraction block_t * K); min_chunk: fewest tokens a program takes;
+    chunks_per_segment: programs per digit value relative to an even share of `min_chunk` tokens.
+    """
+
+    block_t: int
+    min_chunk: int
+    chunks_per_segment: int
+    num_warps: int
+
+    def __post_init__(self):
+        for name in ("block_t", "min_chunk"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"SegmentDotConfig: {name}={value} must be a power of two")
+        if self.chunks_per_segment < 1 or self.num_warps not in (1, 2, 4, 8):
+            raise ValueError("SegmentDotConfig: chunks_per_segment >= 1 and num_warps in 1, 2, 4, 8")
+
+
+# The default: on an H100 (32768 ids, V 50257, D 1024, rank 16) the three declared shapes take
+# the same ~0.21 ms on uniform ids, and this one half the time of the others on Zipf-distributed
+# ids (0.42 vs 0.73-0.80 ms), as text has: more chunks per frequent digit (benchmarks/bench_htt.py).
+SEGMENT_CONFIG = SegmentDotConfig(4, 16, 4, 4)
+# Every declared shape is checked against the reference (interpreter and GPU tests).
+SEGMENT_CONFIGS = (SEGMENT_CONFIG, SegmentDotConfig(8, 32, 2, 4), SegmentDotConfig(16, 32, 2, 4))
 
 
 def _segment_dot(
@@ -416,21 +421,24 @@ def _segment_dot(
     mkp: tuple[int, int, int],
     xs: tuple[int, int],
     ys: tuple[int, int],
+    cfg: SegmentDotConfig | None = None,
 ) -> Tensor:
     """Sum of X_t @ Y_t over the tokens of each digit value: `[v, M, P]` fp32, deterministic.
 
     Tokens are stably sorted by digit (on the device: no host sync); each segment is cut into
     SPLIT chunks whose partial sums go to separate slots, added in a fixed order at the end.
     """
+    cfg = cfg or SEGMENT_CONFIG
     m, k, p = mkp
     n = digit.shape[0]
     # Narrow keys: the radix sort makes one pass per key byte (int16: 2 passes instead of 8).
     key_dtype = torch.int16 if v <= torch.iinfo(torch.int16).max else torch.int32
     sorted_digit, order = torch.sort(digit.to(key_dtype), stable=True)
     seg = torch.searchsorted(sorted_digit, torch.arange(v + 1, device=digit.device, dtype=key_dtype))
-    # Up to 4x the chunks that even segments of >= 16 tokens need: skewed ids (text is Zipfian, so
-    # a few digits own most tokens) spread over more programs; see bench_htt.py's Zipf case.
-    split = max(1, min(64, 4 * triton.cdiv(n, v * 16)))
+    # A few times the chunks that even segments need: skewed ids (text is Zipfian, so a few digits
+    # own most tokens) spread over more programs; see bench_htt.py's Zipf case. Every slot is
+    # written (zeros where a segment is short), so the split is also the partials' size.
+    split = max(1, min(64, cfg.chunks_per_segment * triton.cdiv(n, v * cfg.min_chunk)))
     partial = torch.empty(split, v, m, p, device=digit.device, dtype=torch.float32)
     _segment_dot_kernel[(v, split)](
         order,
@@ -450,25 +458,28 @@ def _segment_dot(
         *xs,
         *ys,
         CORE=core,
+        BT=cfg.block_t,
         BM=max(16, _pow2(m)),
         BK=max(16, _pow2(k)),
         BP=max(16, _pow2(p)),
         IEEE=x.dtype == torch.float32,
         INTERPRET=interpreter_enabled(),
-        MIN_CHUNK=16,
-        num_warps=4,
+        MIN_CHUNK=cfg.min_chunk,
+        num_warps=cfg.num_warps,
     )
     return partial.sum(0) if split > 1 else partial[0]
 
 
-def _tt2_backward_sorted(ids: Tensor, cores: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+def _tt2_backward_sorted(
+    ids: Tensor, cores: list[Tensor], grad_out: Tensor, cfg: SegmentDotConfig | None = None
+) -> list[Tensor]:
     """K = 2 core gradients without atomics: dG1[i] = sum_t g_t G2[i2_t]^T, dG2[j] = sum_t G1[i1_t]^T g_t."""
     (v1, _, d1, r), (v2, _, d2, _) = cores[0].shape, cores[1].shape
     row = d1 * d2
     # g_t viewed [a, c] @ G2[i2_t] viewed [c, r] -> [a, r] = dG1[i1_t, 0]
-    dg1 = _segment_dot(0, ids // v2, v1, ids, grad_out, cores[1], v2, row, r * d2, (d1, d2, r), (d2, 1), (1, d2))
+    dg1 = _segment_dot(0, ids // v2, v1, ids, grad_out, cores[1], v2, row, r * d2, (d1, d2, r), (d2, 1), (1, d2), cfg)
     # G1[i1_t] viewed [r, a] @ g_t viewed [a, c] -> [r, c] = dG2[i2_t, :, :, 0]
-    dg2 = _segment_dot(1, ids % v2, v2, ids, cores[0], grad_out, v2, row, d1 * r, (r, d1, d2), (1, r), (d2, 1))
+    dg2 = _segment_dot(1, ids % v2, v2, ids, cores[0], grad_out, v2, row, d1 * r, (r, d1, d2), (1, r), (d2, 1), cfg)
     return [dg1.reshape(cores[0].shape), dg2.reshape(cores[1].shape)]
 
 
@@ -492,6 +503,7 @@ def tt_lookup_forward(
     `out` (contiguous `[N, D]`, the cores' dtype) is written in place when given (tests poison it).
     """
     cores = [c.contiguous() for c in cores]
+    ids = ids.contiguous()  # the kernels index ids densely
     v, d, r = _dims(cores)
     n = ids.shape[0]
     shape = (n, _prod(d))
@@ -552,6 +564,7 @@ def tt_lookup_backward(
     config: TTLookupConfig | None = None,
     *,
     method: str | None = None,
+    segment_config: SegmentDotConfig | None = None,
 ) -> list[Tensor]:
     """Core gradients of `sum(grad_out * tt_lookup_forward(ids, cores))`, in the cores' dtype.
 
@@ -560,6 +573,7 @@ def tt_lookup_backward(
     fp32 atomics per token, order-dependent in the last bits (see the module docstring).
     """
     cores = [c.contiguous() for c in cores]
+    ids = ids.contiguous()  # the kernels index ids densely
     grad_out = grad_out.contiguous()
     v, d, r = _dims(cores)
     n = ids.shape[0]
@@ -567,7 +581,7 @@ def tt_lookup_backward(
     if method not in ("sorted", "atomic") or (method == "sorted" and len(cores) != 2):
         raise ValueError(f"tt_lookup_backward: method={method!r}; use 'atomic', or 'sorted' (K = 2 only)")
     if method == "sorted" and n > 0:  # `config` shapes only the forward and the atomic backward
-        grads = _tt2_backward_sorted(ids, cores, grad_out.to(cores[0].dtype))
+        grads = _tt2_backward_sorted(ids, cores, grad_out.to(cores[0].dtype), segment_config)
         return [gr.to(c.dtype) for gr, c in zip(grads, cores)]
     grads = [torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in cores]
     if n > 0:
