@@ -73,6 +73,9 @@ def _add_train(sub) -> None:
     p.add_argument("--inject-fault", dest="faults", action="append", default=[], metavar="KIND@STEP",
                    help="inject a fault to test recovery (repeatable): nan_loss, inf_grad, loss_spike, "
                         "bad_layer, crash or crash_in_save, e.g. nan_loss@50 (see docs/stability.md)")
+    p.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default=None,
+                   help="several GPUs under torchrun: ddp (replicated model) or fsdp (FSDP2, sharded "
+                        "model); default: ddp when WORLD_SIZE > 1, else none (see docs/distributed.md)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
     _common_device(p)
     p.set_defaults(func=cmd_train)
@@ -143,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = RunOptions(preset=args.preset, data=args.data, tokenizer=args.tokenizer, steps=args.steps,
                          stop_at=args.stop_at, out=args.out, seed=args.seed, resume=args.resume,
                          overrides=parse_set_args(args.sets), device=args.device, progress=args.progress,
-                         faults=args.faults)
+                         faults=args.faults, parallel=args.parallel)
     try:
         result = train(options)
     except TrainingStopped as err:

@@ -73,8 +73,9 @@ def _build() -> dict[str, Preset]:
                MuseConfig(**gpt2_body),
                _gpu(1024, 8, 8, 20000, 1e-3, ckpt=True, lns=True),
                budget_gb=8,
-               notes=["LNS weights (LNSLinear) are not implemented yet (LNS issue): this preset cannot run "
-                      "yet; use 8gb for the same shape in bf16"]),
+               notes=["FFN linears are LNSLinear(trainable=True): 8-bit LNS codes (sign + 7-bit log, F = 3, "
+                      "per-row scale) in the forward, straight-through gradients to fp32 latent weights; "
+                      "convert_to_lns(model, 'ffn') after training keeps only the codes (half of bf16's bytes)"]),
         Preset("max_quality", "deepest model with the highest ranks that fits 24 GB",
                MuseConfig(vocab_size=32768, d_model=1024, n_layers=24, n_heads=16, ssm_expand=1, max_rank=64,
                           min_rank=8, bk_heads=8, tt_rank=32),
@@ -212,7 +213,7 @@ def preset_rows() -> list[dict]:
             "vocab": p.model.vocab_size, "seq": p.train.seq_len,
             "batch": f"{p.train.micro_batch}x{p.train.grad_accum}",
             "ckpt": "yes" if p.train.activation_checkpointing else "no", "dtype": p.train.dtype,
-            "lns": "planned" if p.train.lns else "no",
+            "lns": "ffn" if p.train.lns else "no",
             "params": est["params"], "body": est["non_embedding_params"],
             "est_peak_gib": est["peak_gib"], "budget": p.budget_gb,
         })
@@ -260,7 +261,7 @@ def presets_markdown() -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in preset_rows():
         budget = "CPU" if r["budget"] is None else f"{r['est_peak_gib']:.1f} GiB of {r['budget']:g}"
-        lns = " + LNS (planned)" if r["lns"] == "planned" else ""
+        lns = " + LNS FFN" if r["lns"] == "ffn" else ""
         lines.append(f"| {r['preset']} | {r['aliases']} | {r['d_model']} | {r['layers']} | {r['heads']} | "
                      f"{r['rank']} | {r['tt_rank']} | {r['vocab']} | {r['seq']} | {r['batch']} | {r['ckpt']} | "
                      f"{r['dtype']}{lns} | {r['params'] / 1e6:.1f}M | {budget} |")

@@ -139,6 +139,28 @@ def test_no_argument_plan_is_a_short_run_in_a_fresh_directory(tmp_path, monkeypa
     assert again.run_dir != plan.run_dir and not again.run_dir.exists()
 
 
-def test_lns_preset_is_refused_until_supported():
-    with pytest.raises(ConfigError, match="LNS"):
-        plan_run(RunOptions(preset="inference"))
+def test_inference_preset_plans_with_lns_ffns():
+    plan = plan_run(RunOptions(preset="inference"))
+    assert plan.train.lns
+
+
+def test_lns_run_trains_lns_ffns_and_loads_them_frozen_to_8_bit_codes(small_corpus, tiny_overrides, tmp_path):
+    from muse_lm.layers import LNSLinear
+    from muse_lm.training.loading import load_trained
+
+    tiny_overrides.update(lns=True)
+    result = _run(small_corpus, tmp_path / "run", tiny_overrides, steps=8, seed=1)
+    assert result.end_eval_loss < result.start_eval_loss
+    trained = load_trained(result.run_dir)
+    frozen = [m for m in trained.model.modules() if isinstance(m, LNSLinear)]
+    assert frozen and all(not m.trainable for m in frozen)
+    # The frozen codes are the ones the last training forward used: same logits as the latent model.
+    ckpt = load_checkpoint(result.run_dir)
+    latent = MuseLM(MuseConfig.from_dict(ckpt.config["model"]))
+    from muse_lm.layers import convert_to_lns
+
+    convert_to_lns(latent, "ffn", trainable=True)
+    latent.load_state_dict(ckpt.model_state)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(trained.model.eval()(ids), latent.eval()(ids), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
-"""Process-group setup for runs started under `torchrun` (WORLD_SIZE > 1), and the few
-collectives the trainer needs. A single process never touches torch.distributed."""
+"""Process-group setup for runs started under `torchrun` (WORLD_SIZE > 1), the choice of
+parallelism (`--parallel none|ddp|fsdp`), and the few collectives the trainer needs. A single
+process with `--parallel none` never touches torch.distributed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from muse_lm.errors import ConfigError
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -34,17 +39,41 @@ def env_dist_info() -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup(device: torch.device) -> DistInfo:
+def resolve_parallel(requested: str | None, info: DistInfo) -> str:
+    """`--parallel`: None -> "ddp" under torchrun with WORLD_SIZE > 1, else "none".
+
+    Raises:
+        ConfigError: an unknown mode, or "none" with several processes (they would train
+            independent copies of the model and race on the run directory).
+    """
+    if requested is None:
+        return "ddp" if info.enabled else "none"
+    if requested not in PARALLEL_MODES:
+        raise ConfigError(f"--parallel {requested!r} is invalid: use one of {', '.join(PARALLEL_MODES)}")
+    if requested == "none" and info.enabled:
+        raise ConfigError(f"--parallel none with WORLD_SIZE={info.world_size}: the processes would train "
+                          "separate models; use --parallel ddp or fsdp, or run one process without torchrun")
+    return requested
+
+
+def setup(device: torch.device, *, single_rank_group: bool = False) -> DistInfo:
     """Initializes the default process group when started with WORLD_SIZE > 1: NCCL for CUDA
-    devices (each rank on cuda:LOCAL_RANK), gloo on the CPU. Idempotent."""
+    devices (each rank on cuda:LOCAL_RANK), gloo on the CPU. Idempotent.
+
+    `single_rank_group=True` also creates a group of one process when WORLD_SIZE is 1 (DDP or
+    FSDP2 on one device need a mesh): from torchrun's environment when it is set, else from an
+    in-memory store, so plain `muse train --parallel fsdp` works without torchrun."""
     info = env_dist_info()
-    if not info.enabled or dist.is_initialized():
+    if dist.is_initialized() or not (info.enabled or single_rank_group):
         return info
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", info.local_rank))
-    else:
-        dist.init_process_group("gloo")
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
+    if not info.enabled and "MASTER_ADDR" not in os.environ:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, **kwargs)
     return info
 
 
@@ -63,6 +92,16 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank_flag(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """`values` = [x, flag] on this rank -> [mean of x over ranks, 1.0 if any rank's flag is
+    set else 0.0], with ONE all-reduce (a sum: the flags' sum is > 0 exactly when their max is
+    1). On CUDA the collective is queued on the stream: no host sync."""
+    if not info.enabled:
+        return values
+    summed = all_reduce_sum(values.clone(), info)
+    return torch.stack([summed[0] / info.world_size, (summed[1] > 0).to(summed.dtype)])
 
 
 def broadcast_object(obj: Any, info: DistInfo) -> Any:

@@ -12,6 +12,11 @@ Kinds (STEP is the 0-based optimizer step the fault hits):
 - `crash_in_save`: the process dies in the middle of writing the checkpoint of step STEP
   (after the model file, while pickling train_state.pt).
 
+`KIND@STEP:rankN` fires on rank N only (under torchrun; `nan_loss@5:rank1` poisons rank 1's loss
+and no other): how the tests show that one rank's trouble makes every rank take the same
+recovery. Without the suffix a fault fires on every rank. A targeted fault is marked fired on
+every rank, so the fired list rank 0 saves is the whole run's.
+
 A fault fires once: fired faults are stored in the train state, so steps replayed after a
 rollback (or after resuming from a checkpoint written after the fault) do not re-fire them.
 """
@@ -32,15 +37,30 @@ SPIKE_SCALE = 10.0
 BAD_LAYER_SCALE = 1e30
 
 
-def parse_fault(spec: str) -> tuple[str, int]:
-    """"nan_loss@50" -> ("nan_loss", 50); ConfigError for anything else."""
-    kind, sep, step = str(spec).partition("@")
+def parse_fault_target(spec: str) -> tuple[str, int, int | None]:
+    """"nan_loss@50" -> ("nan_loss", 50, None); "nan_loss@50:rank1" -> ("nan_loss", 50, 1);
+    ConfigError for anything else."""
+    kind, sep, rest = str(spec).partition("@")
     if not sep or kind not in FAULT_KINDS:
         raise ConfigError(f"--inject-fault {spec!r} is invalid: use KIND@STEP with KIND one of "
-                          f"{', '.join(FAULT_KINDS)} (e.g. nan_loss@50)")
+                          f"{', '.join(FAULT_KINDS)} (e.g. nan_loss@50, or nan_loss@50:rank1 for one rank)")
+    step, colon, target = rest.partition(":")
     if not step.isdigit() or not step.isascii():
         raise ConfigError(f"--inject-fault {spec!r}: STEP {step!r} must be an integer >= 0 (e.g. {kind}@50)")
-    return kind, int(step)
+    rank = None
+    if colon:
+        number = target.removeprefix("rank")
+        if not target.startswith("rank") or not number.isdigit() or not number.isascii():
+            raise ConfigError(f"--inject-fault {spec!r}: {target!r} must be rankN with N a rank number "
+                              f"(e.g. {kind}@{step}:rank1)")
+        rank = int(number)
+    return kind, int(step), rank
+
+
+def parse_fault(spec: str) -> tuple[str, int]:
+    """"nan_loss@50" (or "nan_loss@50:rank1") -> ("nan_loss", 50); ConfigError for anything else."""
+    kind, step, _ = parse_fault_target(spec)
+    return kind, step
 
 
 def _die(message: str) -> None:
@@ -66,18 +86,29 @@ class FaultPlan:
 
     faults: list[tuple[str, int]] = field(default_factory=list)
     fired: set[tuple[str, int]] = field(default_factory=set)
+    targets: dict[tuple[str, int], int] = field(default_factory=dict)  # fault -> the only rank it hits
+    rank: int = 0  # this process's rank (set by the trainer)
 
     @classmethod
     def parse(cls, specs: list[str] | tuple[str, ...]) -> FaultPlan:
-        return cls([parse_fault(s) for s in specs])
+        parsed = [parse_fault_target(s) for s in specs]
+        return cls([(k, s) for k, s, _ in parsed], targets={(k, s): r for k, s, r in parsed if r is not None})
+
+    def check_ranks(self, world_size: int) -> None:
+        """ConfigError when a `:rankN` fault names a rank this run does not have (it would never fire)."""
+        for (kind, step), rank in sorted(self.targets.items()):
+            if rank >= world_size:
+                raise ConfigError(f"--inject-fault {kind}@{step}:rank{rank}: this run has {world_size} "
+                                  f"process(es), ranks 0..{world_size - 1}; name one of those")
 
     def due(self, kind: str, step: int) -> bool:
-        """True (once) when `kind` is planned at `step` and has not fired; marks it fired."""
+        """True (once) when `kind` is planned at `step` for this rank and has not fired; marks it
+        fired (on every rank, also those it does not hit)."""
         key = (kind, step)
         if key in self.fired or key not in self.faults:
             return False
         self.fired.add(key)
-        return True
+        return self.targets.get(key, self.rank) == self.rank
 
     # ---- the hooks the trainer calls ------------------------------------------------------------
     def before_step(self, step: int, model: torch.nn.Module) -> str | None:
@@ -112,8 +143,10 @@ class FaultPlan:
     def corrupt_grads(self, step: int, model: torch.nn.Module) -> None:
         if self.due("inf_grad", step):
             for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.view(-1)[0] = float("inf")
+                # This rank's shard under FSDP (a shard can be empty on small parameters).
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                if grad is not None and grad.numel():
+                    grad.view(-1)[0] = float("inf")
                     return
 
     def save_marker(self, step: int) -> _CrashOnPickle | None:

@@ -9,6 +9,7 @@ import tokenizers
 import torch
 
 from muse_lm.errors import CheckpointError
+from muse_lm.layers import convert_to_lns
 from muse_lm.models import MuseConfig, MuseLM
 from muse_lm.training.checkpoint import load_checkpoint
 
@@ -45,5 +46,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"{ckpt.path}: the weights do not match its config.json ({first}); the "
                               "checkpoint is damaged or from another version") from None
+    if config.get("train", {}).get("lns"):
+        # Trained straight-through: the latent weights quantize to the exact codes every training
+        # forward used, so freezing them gives the model that was trained, at 8 bits per weight.
+        convert_to_lns(model, "ffn", trainable=False)
     tokenizer = tokenizers.Tokenizer.from_str(ckpt.tokenizer_json)
     return Trained(model.to(device).eval(), tokenizer, config, ckpt.path, ckpt.step)

@@ -36,6 +36,7 @@ class RunOptions:
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # progress bar / log lines on stderr
     faults: list[str] = field(default_factory=list)  # --inject-fault KIND@STEP (testing the recovery ladder)
+    parallel: str | None = None  # none | ddp | fsdp; None: ddp under torchrun with WORLD_SIZE > 1, else none
 
     def __post_init__(self) -> None:
         for name in ("steps", "stop_at"):
@@ -57,6 +58,10 @@ class RunOptions:
 
         for spec in self.faults:
             parse_fault(spec)
+        from muse_lm.training.distributed import PARALLEL_MODES
+
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"--parallel {self.parallel!r} is invalid: use one of {', '.join(PARALLEL_MODES)}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r} is invalid: use cpu, cuda or cuda:N")
 

@@ -8,6 +8,7 @@ or anything is written.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 
 from muse_lm.errors import CheckpointError, ConfigError
 from muse_lm.io import list_checkpoints
+from muse_lm.layers import convert_to_lns
 from muse_lm.models import MuseConfig, MuseLM
 from muse_lm.presets import get_preset, resolve_preset_name
 from muse_lm.training import distributed
@@ -103,9 +105,6 @@ def _plan_fresh(options: RunOptions, info: DistInfo) -> RunPlan:
     elif options.preset is None and "steps" not in overrides:
         train_cfg = _quickstart(train_cfg, preset.quickstart_steps)
     model_cfg, train_cfg = apply_overrides(preset.model, train_cfg, overrides)
-    if train_cfg.lns:
-        raise ConfigError(f"preset {name} trains with LNS weights (TrainConfig.lns=True), which the trainer "
-                          "does not support yet; use preset 8gb for the same shape in bf16")
     if options.out is not None:
         run_dir = Path(options.out)
         if run_dir.exists() and not run_dir.is_dir():
@@ -229,9 +228,11 @@ def _load_data(plan: RunPlan, options: RunOptions, info: DistInfo
 
 
 def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info: DistInfo,
-                  stability: StabilityConfig | None = None) -> Trainer:
+                  stability: StabilityConfig | None = None, parallel: str | None = None) -> Trainer:
     """Loads the data, builds the model and the Trainer (resumed if planned); `stability`
-    overrides the monitor's defaults."""
+    overrides the monitor's defaults; `parallel` is the resolved `--parallel` (None: from
+    `options` and the world size)."""
+    parallel = parallel or distributed.resolve_parallel(options.parallel, info)
     corpus, tokenizer, tokens = _load_data(plan, options, info)
     resumed = plan.resume_from
     model_cfg = plan.model
@@ -244,13 +245,16 @@ def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
     seed_everything(plan.seed)
     model = MuseLM(model_cfg)
+    if plan.train.lns:
+        # 8-bit LNS FFN weights trained straight-through on latent fp32 weights (same keys as nn.Linear).
+        convert_to_lns(model, "ffn", trainable=True)
     # Same init on every rank (DDP also broadcasts rank 0's weights); different random streams.
     seed_everything(plan.seed + info.rank)
     run_config = {
         "model": model_cfg.to_dict(), "train": plan.train.to_dict(), "preset": plan.preset,
         "corpus_fingerprint": corpus.fingerprint, "model_type": MuseLM.model_type, "vocab_size": vocab,
         "run": {"seed": plan.seed, "data": _data_spec(corpus, plan.data), "overrides": plan.overrides,
-                "world_size": info.world_size,
+                "world_size": info.world_size, "parallel": parallel,
                 "tokenizer": "checkpoint" if resumed else (options.tokenizer or "trained")},
     }
     if resumed is None and info.is_main:
@@ -259,7 +263,7 @@ def build_trainer(plan: RunPlan, options: RunOptions, device: torch.device, info
     trainer = Trainer(model, plan.train, train_tokens=tokens.train, heldout_tokens=tokens.heldout,
                       run_dir=plan.run_dir, tokenizer_json=tokenizer.to_str(), run_config=run_config,
                       seed=plan.seed, device=device, dist_info=info, progress=options.progress,
-                      faults=FaultPlan.parse(options.faults), stability=stability)
+                      faults=FaultPlan.parse(options.faults), stability=stability, parallel=parallel)
     if resumed is not None:
         trainer.load_state(resumed)
     _log_start(plan, trainer, corpus, tokens, info)
@@ -271,8 +275,9 @@ def _log_start(plan: RunPlan, trainer: Trainer, corpus: Corpus, tokens: Tokenize
     if not info.is_main:
         return
     model = trainer.model
-    log.info("run %s | preset %s | %s%s | %.2fM params (%.2fM non-embedding)", plan.run_dir, plan.preset,
+    log.info("run %s | preset %s | %s%s%s | %.2fM params (%.2fM non-embedding)", plan.run_dir, plan.preset,
              trainer.device, f" x {info.world_size} ranks" if info.enabled else "",
+             f" ({trainer.parallel})" if trainer.parallel != "none" else "",
              model.num_parameters() / 1e6, model.num_parameters(exclude_embedding=True) / 1e6)
     log.info("data %s: %d train / %d held-out tokens | %d tokens per step | steps %d..%d of %d",
              corpus.name, tokens.train.size, tokens.heldout.size, trainer.tokens_per_step, trainer.step,
@@ -283,17 +288,27 @@ def _log_start(plan: RunPlan, trainer: Trainer, corpus: Corpus, tokens: Tokenize
 def train(options: RunOptions) -> RunResult:
     """Runs (or resumes) a training run as `muse train` does and returns where its outputs are.
 
-    Under `torchrun` (WORLD_SIZE > 1) it joins/creates the process group and trains with DDP;
-    only rank 0 writes files. The group is destroyed at the end if this call created it.
+    Under `torchrun` (WORLD_SIZE > 1) it joins/creates the process group and trains with DDP or
+    FSDP2 (`options.parallel`); only rank 0 writes files. `--parallel ddp|fsdp` in one process
+    runs on a one-rank group. The group is destroyed at the end if this call created it.
     """
     info = distributed.env_dist_info()
+    parallel = distributed.resolve_parallel(options.parallel, info)
     device = resolve_device(options.device, info)
-    owns_group = info.enabled and not torch.distributed.is_initialized()
-    info = distributed.setup(device)
+    owns_group = parallel != "none" and not torch.distributed.is_initialized()
+    info = distributed.setup(device, single_rank_group=parallel != "none")
+    trainer = None
     try:
         plan = plan_run(options, info)
-        trainer = build_trainer(plan, options, device, info)
-        return trainer.fit(plan.stop_at)
+        trainer = build_trainer(plan, options, device, info, parallel=parallel)
+        result = trainer.fit(plan.stop_at)
+        distributed.barrier(info)  # every rank done with its collectives before the group goes
+        return result
     finally:
         if owns_group:
+            # The sharded model holds the device mesh, which holds the process group: free them
+            # (they sit in reference cycles) while the interpreter is alive, or gloo's worker
+            # threads are torn down during interpreter shutdown and abort the process.
+            trainer = None
+            gc.collect()
             distributed.teardown()

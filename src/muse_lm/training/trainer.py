@@ -7,6 +7,11 @@ the step, so resuming needs only the step (plus model, optimizer, scheduler and 
 
 No host sync happens on ordinary steps: loss sums and the grad norm stay on the device and are
 read once per `log_every` steps.
+
+Several processes (`parallel="ddp"` or `"fsdp"`, docs/distributed.md): each rank's health flag
+(its own loss not finite or above the trend's limit) is summed over ranks together with the
+loss, in the one all-reduce the step already made for the mean loss, so every rank takes the
+same decision on the same step; checkpoints are sharded (`muse_lm.training.dcp`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from muse_lm.errors import CheckpointError
 from muse_lm.io import list_checkpoints
+from muse_lm.training import fsdp
 from muse_lm.training.checkpoint import Checkpoint, save_checkpoint
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import PackedBatches, heldout_batches
-from muse_lm.training.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from muse_lm.training.dcp import is_sharded_checkpoint, load_full_state, load_sharded_state, save_sharded_checkpoint
+from muse_lm.training.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank_flag,
+    barrier,
+    gather_objects,
+    resolve_parallel,
+)
 from muse_lm.training.evaluate import EvalResult, autocast_context, evaluate_loss, validate_token_ids
 from muse_lm.training.faults import FaultPlan
 from muse_lm.training.lagged import LaggedReader
@@ -68,6 +82,9 @@ class Trainer:
         dist_info: this process's rank / world size (one process by default).
         stability / recovery: the monitor's and the ladder's settings (docs/stability.md).
         faults: injected faults (testing the ladder; see `muse_lm.training.faults`).
+        parallel: "none", "ddp" or "fsdp" (None: ddp with several ranks, else none). ddp and
+            fsdp need an initialized process group (one rank is fine) and write sharded
+            checkpoints.
 
     Example:
         >>> trainer = Trainer(model, cfg, train_tokens=tok.train, heldout_tokens=tok.heldout,
@@ -79,19 +96,26 @@ class Trainer:
                  heldout_tokens: np.ndarray, run_dir: str | Path, tokenizer_json: str, run_config: dict,
                  seed: int = 0, device: torch.device | str = "cpu", dist_info: DistInfo | None = None,
                  progress: bool = True, stability: StabilityConfig | None = None,
-                 recovery: RecoveryConfig | None = None, faults: FaultPlan | None = None) -> None:
+                 recovery: RecoveryConfig | None = None, faults: FaultPlan | None = None,
+                 parallel: str | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dist = dist_info or DistInfo()
+        self.parallel = resolve_parallel(parallel, self.dist)
         self.run_dir = Path(run_dir)
         self.tokenizer_json = tokenizer_json
         self.run_config = run_config
         self.show_progress = progress
+        if self.parallel == "fsdp":
+            # Sharded before `.to(device)`: FSDP2 moves one unit at a time to the mesh's device and
+            # keeps only its shard there, so the whole model never sits on one GPU.
+            fsdp.apply_fsdp(model, self.device, cfg.dtype)  # in place: the optimizer sees DTensors
         self.model = model.to(self.device)
         validate_token_ids(self.model, [train_tokens, heldout_tokens])
+        # Per-block activation checkpointing (composes with FSDP2: see muse_lm.training.fsdp).
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.engine: nn.Module = self.model
-        if self.dist.enabled:
+        if self.parallel == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.engine = DistributedDataParallel(self.model, device_ids=ids)
         stability = stability or StabilityConfig()
@@ -119,7 +143,7 @@ class Trainer:
         # Stability: the monitor judges each step, the policy escalates, snapshots back rollbacks.
         # `data_offset` shifts the batch index after a rollback so the batches that led to the
         # trouble are skipped (0 in a run without rollbacks: exact resume is unchanged).
-        self.monitor = StabilityMonitor(stability)
+        self.monitor = (fsdp.ShardedStabilityMonitor if self.parallel == "fsdp" else StabilityMonitor)(stability)
         self._reader = LaggedReader()
         self.monitor.attach(self.model)
         self.events = EventLog(self.run_dir / EVENTS_FILE) if self.dist.is_main else None
@@ -127,6 +151,8 @@ class Trainer:
         rc = self.policy.config
         self.snapshots = SnapshotKeeper(rc.snapshot_every, rc.confirm_after)
         self.faults = faults or FaultPlan()
+        self.faults.rank = self.dist.rank
+        self.faults.check_ranks(self.dist.world_size)
         self.data_offset = 0
         self._last_healthy = True
         self._progress: Progress | None = None
@@ -144,12 +170,18 @@ class Trainer:
         self._window_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
         self._window_applied = torch.zeros((), dtype=torch.float32, device=self.device)  # updates applied
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """ddp / fsdp runs save through torch.distributed.checkpoint (see muse_lm.training.dcp)."""
+        return self.parallel != "none"
+
     def train_state(self) -> dict:
         """Everything besides the weights that exact resume needs. Collective: every rank must
-        call it (each rank's RNG state is gathered)."""
+        call it (each rank's RNG state is gathered). With sharded checkpoints the optimizer
+        state is saved in the DCP shards instead (None here)."""
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded_checkpoints else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": gather_objects(capture_rng(self.device), self.dist),
             "world_size": self.dist.world_size,
@@ -166,8 +198,7 @@ class Trainer:
         """Restores weights, optimizer, scheduler, RNG and counters from a checkpoint, so that the
         next step is exactly the one an uninterrupted run would take."""
         state = ckpt.train_state
-        self.model.load_state_dict(ckpt.model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_weights_and_optimizer(ckpt)
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows this run's config (its --steps may be longer than before);
         # lr = base * factor(step) is computed exactly as LambdaLR does, so an unchanged config
@@ -200,6 +231,18 @@ class Trainer:
             self.policy.load_state_dict(state["recovery"])
         self.faults.load_state_dict(state.get("faults_fired", []))
 
+    def _load_weights_and_optimizer(self, ckpt: Checkpoint) -> None:
+        """From the DCP shards when the checkpoint has them (any world size, resharded), else
+        from model.safetensors + train_state.pt (sharded over the ranks under fsdp)."""
+        if is_sharded_checkpoint(ckpt.path):
+            load_sharded_state(ckpt.path, self.model, self.optimizer)
+        elif self.parallel == "fsdp":
+            load_full_state(self.model, self.optimizer, ckpt.model_state, ckpt.train_state["optimizer"],
+                            self.cfg.weight_decay)
+        else:
+            self.model.load_state_dict(ckpt.model_state)
+            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
         """One optimizer step at `self.step`; returns the pre-clip grad norm (a device tensor).
@@ -220,8 +263,9 @@ class Trainer:
                 x, y, scale = self.faults.corrupt_batch(step, x, y, self._vocab)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            # DDP: all-reduce gradients only on the last micro-batch of the step.
-            sync = not self.dist.enabled or micro == accum - 1
+            # DDP: all-reduce gradients only on the last micro-batch of the step. (FSDP2
+            # reduce-scatters every micro-batch: skipping it would keep unsharded gradients.)
+            sync = self.parallel != "ddp" or micro == accum - 1
             with (contextlib.nullcontext() if sync else self.engine.no_sync()):
                 with autocast_context(self.device, self.cfg.dtype):
                     loss, ce, aux = self.engine(x, y, return_parts=True)
@@ -233,20 +277,44 @@ class Trainer:
             step_sums += torch.stack([loss.detach(), ce.detach(), aux.detach()]).float()
         self.faults.corrupt_grads(step, self.model)
         clip = self.cfg.grad_clip * self.policy.clip_scale
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        mean_loss = step_sums[0] / accum
-        if self.dist.enabled:
-            # Ranks see different losses: decide on the mean so every rank takes the same action.
-            mean_loss = all_reduce_sum(mean_loss.clone(), self.dist) / self.dist.world_size
-        if self._lag == 0:
-            self._judge_now(step, mean_loss, grad_norm, step_sums)
+        if self.parallel == "fsdp":
+            grad_norm = fsdp.clip_grad_norm_(list(self.model.parameters()), clip)
         else:
-            self._judge_later(step, mean_loss, grad_norm, step_sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        mean_loss = step_sums[0] / accum
+        limits = self.monitor.limits()
+        rank_flag = None
+        if self.dist.enabled:
+            # Ranks see different losses. One all-reduce gives the mean loss (the monitor's
+            # history, the same on every rank) and whether ANY rank flagged its own loss (a NaN
+            # or a corrupted batch on one rank): every rank then takes the same decision.
+            local_flag = self.monitor.device_flag(mean_loss, grad_norm, limits)
+            reduced = any_rank_flag(torch.stack([mean_loss.float().reshape(()), local_flag]), self.dist)
+            mean_loss, rank_flag = reduced[0], reduced[1]
+        if self._lag == 0:
+            self._judge_now(step, mean_loss, grad_norm, step_sums, rank_flag)
+        else:
+            self._judge_later(step, mean_loss, grad_norm, step_sums, limits, rank_flag)
         return grad_norm
 
+    def _observe_all_ranks(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
+                           rank_flag: torch.Tensor):
+        """`monitor.observe` with the all-reduced flag deciding (several ranks, lag 0)."""
+        loss_v, grad_v, flag_v = torch.stack([mean_loss.float().reshape(()), grad_norm.float().reshape(()),
+                                              rank_flag]).tolist()
+        self.monitor.stop_collecting()
+        verdict = self.monitor.judge(step, loss_v, grad_v, flagged=flag_v > 0)
+        _explain_rank_flag(verdict)
+        if verdict.healthy and step % self.monitor.config.stats_every == 0:
+            self.monitor.update_baselines(self.model)
+        return verdict
+
     def _judge_now(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
-                   step_sums: torch.Tensor) -> None:
-        verdict = self.monitor.observe(step, mean_loss, grad_norm, self.model)
+                   step_sums: torch.Tensor, rank_flag: torch.Tensor | None = None) -> None:
+        if rank_flag is None:
+            verdict = self.monitor.observe(step, mean_loss, grad_norm, self.model)
+        else:
+            verdict = self._observe_all_ranks(step, mean_loss, grad_norm, rank_flag)
         suspects = [] if verdict.healthy else self.monitor.suspect_layers(self.model)
         decision = self.policy.step(verdict, suspects)
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used (a Python float)
@@ -258,12 +326,15 @@ class Trainer:
         self._after_verdicts([(verdict, decision)])
 
     def _judge_later(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
-                     step_sums: torch.Tensor) -> None:
+                     step_sums: torch.Tensor, limits: tuple[float, float],
+                     rank_flag: torch.Tensor | None = None) -> None:
         """The device flags the step against the monitor's current limits and the fused AdamW
         skips a flagged update (`found_inf`); the numbers go to the lagged reader, and the
-        verdicts of steps <= step - lag are judged now."""
-        limits = self.monitor.limits()
+        verdicts of steps <= step - lag are judged now. With several ranks the flag is the
+        all-reduced one (already on the device: still no host sync)."""
         flag = self.monitor.device_flag(mean_loss, grad_norm, limits)
+        if rank_flag is not None:
+            flag = torch.maximum(flag, rank_flag)
         parts = [torch.stack([mean_loss.float().reshape(()), grad_norm.float().reshape(()), flag])]
         layer_names, act_names = [], []
         if step % self.monitor.config.stats_every == 0:
@@ -291,6 +362,8 @@ class Trainer:
         values = entry.values.tolist()
         limits, layer_names, act_names = entry.meta
         verdict = self.monitor.judge(entry.step, values[0], values[1], limits=limits, flagged=values[2] > 0)
+        if self.dist.enabled:
+            _explain_rank_flag(verdict)
         if verdict.healthy and layer_names:
             n = len(layer_names)
             rows = [values[3 + 2 * i: 5 + 2 * i] for i in range(n)]
@@ -387,8 +460,7 @@ class Trainer:
                 self.policy.record(decision.step, "rollback", f"{decision.reason}; no good state to roll "
                                    "back to yet (no confirmed snapshot or usable checkpoint): update skipped")
                 return
-            self.model.load_state_dict(ckpt.model_state)
-            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            self._load_weights_and_optimizer(ckpt)
             self.scheduler.load_state_dict(ckpt.train_state["scheduler"])
             rngs = ckpt.train_state["rng"]
             if len(rngs) == self.dist.world_size:
@@ -495,8 +567,13 @@ class Trainer:
                         f"{record['tokens_per_s']:,.0f} tok/s | {mem_label} {mem:.2f} GiB")
 
     def _evaluate(self, progress: Progress) -> EvalResult:
+        info = self.dist
+        if self.parallel == "fsdp" and len(self.eval_batches) % info.world_size:
+            # A sharded forward is collective: every rank must run as many as the others. When the
+            # batches do not split evenly, every rank scores all of them (same result everywhere).
+            info = DistInfo()
         result = evaluate_loss(self.model, self.eval_batches, self.device, dtype=self.cfg.dtype,
-                               dist_info=self.dist)
+                               dist_info=info)
         entry = {"step": self.step, "loss": result.loss}
         self.evals["last"] = entry
         self.evals["start"] = self.evals["start"] or entry
@@ -511,12 +588,22 @@ class Trainer:
         return result
 
     def save(self, progress: Progress | None = None) -> Path:
-        """Checkpoints the current step (collective under DDP; rank 0 writes)."""
+        """Checkpoints the current step (collective under DDP / FSDP; rank 0 writes)."""
+        if self.parallel == "fsdp":
+            fsdp.average_buffers(self.model)
         self.elapsed_s = self._clock()
         state = self.train_state()
         marker = self.faults.save_marker(self.step)
         if marker is not None:  # injected crash_in_save: pickling it kills the process mid-write
             state["injected_fault"] = marker
+        if self.sharded_checkpoints:
+            path = save_sharded_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           config=self.run_config, tokenizer_json=self.tokenizer_json,
+                                           train_state=state, keep=self.cfg.keep_checkpoints, info=self.dist)
+            if progress is not None and self.dist.is_main:
+                progress.message(f"step {self.step}: checkpoint {path} (sharded)")
+            self.latest_checkpoint = path
+            return path
         barrier(self.dist)
         path = self.run_dir / f"step-{self.step:07d}"
         if self.dist.is_main:
@@ -543,3 +630,14 @@ class Trainer:
             end_eval_loss=last["loss"] if last else None,
             elapsed_s=self.elapsed_s,
         )
+
+
+_DEVICE_LIMIT_REASON = "at the trend's limit (device comparison)"
+
+
+def _explain_rank_flag(verdict) -> None:
+    """A step flagged by another rank's own loss (its numbers here look healthy) gets a reason
+    that says so instead of the monitor's generic "at the limit" one."""
+    if not verdict.healthy and verdict.reason == _DEVICE_LIMIT_REASON:
+        verdict.reason = ("a rank's own loss was not finite or above the trend's limit (the ranks' flags "
+                          "are all-reduced, so every rank skips this step)")

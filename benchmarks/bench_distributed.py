@@ -1,0 +1,370 @@
+"""DDP vs FSDP2 on 1 and 2 GPUs: throughput, memory, the largest model per GPU, 1- vs 2-GPU loss
+curves and resuming a 2-GPU checkpoint on 1 GPU (and briefly on the CPU).
+
+One command on a 2-GPU machine, about 8 minutes (`--fit-budget-s` / `--steps` trade time):
+
+    PYTHONPATH=src python benchmarks/bench_distributed.py --out benchmarks/results
+
+writes `OUT/distributed.json` and `OUT/distributed_loss.png`. The driver (this process, no GPU
+work) starts `torchrun --nproc_per_node {1,2}` workers (this file with `--worker JOB`):
+
+- throughput: the 8gb and 24gb presets' models with their micro-batch per GPU (grad_accum 1,
+  synthetic tokens) through the real `Trainer.train_step` (monitor, clipping, fused AdamW):
+  tokens/s over all GPUs, peak memory per GPU (`max_memory_reserved` + the CUDA context, as
+  DESIGN.md counts it), and model-state bytes resident on each rank (parameters + gradients +
+  AdamW state; DTensor shards counted by their local size);
+- fit: on 2 GPUs, the most layers of the 24gb preset's width that train (2 steps, activation
+  checkpointing on, micro-batch 1) with DDP and with FSDP2: doubling from 96, then bisection,
+  within `--fit-budget-s` per mode (`first_failing_layers: null` means the budget ran out first:
+  `max_layers_fit` is then a lower bound);
+- loss curve: `muse train --preset 8gb` for `--curve-steps` steps on 1 GPU (micro-batch 8) and
+  on 2 GPUs with FSDP2 (micro-batch 4 each: the same global batch), then the 2-GPU run resumed
+  on 1 GPU from its middle checkpoint (same global batch: the curves should overlap), and one
+  step of it on the CPU (micro-batch 1, seq_len 256: it shows the checkpoint loads and trains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from muse_lm.provenance import git_commit  # noqa: E402
+
+PRESETS = ("8gb", "24gb")
+
+
+# ---- worker side (runs under torchrun) ---------------------------------------------------------
+def _context_bytes() -> int:
+    """CUDA context + allocator overhead: device memory in use beyond what torch reserved."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free - torch.cuda.memory_reserved()
+
+
+def _state_bytes(trainer) -> dict:
+    """Bytes of parameters, gradients (one extra backward, then cleared) and optimizer state
+    resident on this rank."""
+    from muse_lm.training.evaluate import autocast_context
+    from muse_lm.training.fsdp import local
+
+    def nbytes(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    x, y = trainer.batches.batch(0)
+    with autocast_context(trainer.device, trainer.cfg.dtype):
+        loss = trainer.engine(x.to(trainer.device), y.to(trainer.device))
+    loss.backward()
+    params = sum(nbytes(p) for p in trainer.model.parameters())
+    grads = sum(nbytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    optim = sum(nbytes(v) for s in trainer.optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+
+
+def _trainer(preset: str, parallel: str, info, run_dir: str, model_over: dict, train_over: dict,
+             device: torch.device | None = None):
+    from muse_lm.models import MuseLM
+    from muse_lm.presets import get_preset
+    from muse_lm.training.trainer import Trainer
+
+    p = get_preset(preset)
+    model_cfg = dataclasses.replace(p.model, **model_over)
+    cfg = dataclasses.replace(p.train, grad_accum=1, steps=1000, warmup_steps=10, **train_over)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model_cfg.vocab_size, size=cfg.seq_len * cfg.micro_batch * info.world_size * 64 + 1)
+    torch.manual_seed(0)
+    model = MuseLM(model_cfg)
+    device = device or torch.device("cuda", info.local_rank)
+    return Trainer(model, cfg, train_tokens=tokens, heldout_tokens=tokens[: cfg.seq_len * 4 + 1], run_dir=run_dir,
+                   tokenizer_json="{}", run_config={}, device=device, dist_info=info, progress=False,
+                   parallel=parallel)
+
+
+def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = _trainer(preset, parallel, info, run_dir, {}, {})
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            trainer.train_step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_reserved() + _context_bytes()
+        state = _state_bytes(trainer)
+        result = {"preset": preset, "parallel": parallel, "gpus": info.world_size, "steps": steps,
+                  "tokens_per_s": steps * trainer.tokens_per_step / seconds, "step_s": seconds / steps,
+                  "peak_gib_per_gpu": peak / 2**30, "model_state_gib_per_gpu": state["total"] / 2**30,
+                  "model_state_bytes": state, "params": trainer.model.num_parameters(),
+                  "micro_batch_per_gpu": trainer.cfg.micro_batch, "seq_len": trainer.cfg.seq_len}
+        del trainer
+    _free()
+    return result
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _fits(parallel: str, layers: int, info) -> bool:
+    """Whether `layers` blocks of the 24gb width train for 2 steps on every rank."""
+    import torch.distributed as dist
+
+    ok = torch.ones((), device="cuda")
+    trainer = None
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = _trainer("24gb", parallel, info, run_dir, {"n_layers": layers},
+                               {"micro_batch": 1, "activation_checkpointing": True})
+            for _ in range(2):
+                trainer.train_step()
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        ok.zero_()
+    del trainer
+    _free()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _fit_search(parallel: str, info, budget_s: float) -> dict:
+    start, lo, hi, tried = time.perf_counter(), 0, None, []
+    layers = 96  # ~1.2B parameters at the 24gb width: doubling from there reaches 80 GB in a few tries
+    while time.perf_counter() - start < budget_s:
+        fits = _fits(parallel, layers, info)
+        tried.append({"n_layers": layers, "fits": fits})
+        if fits:
+            lo = layers
+        else:
+            hi = layers
+        if hi is None:
+            layers *= 2
+        elif hi - lo <= max(4, lo // 8):
+            break
+        else:
+            layers = (lo + hi) // 2
+    from muse_lm.models import MuseLM
+    from muse_lm.presets import get_preset
+
+    cfg = dataclasses.replace(get_preset("24gb").model, n_layers=max(lo, 1))
+    params = sum(p.numel() for p in MuseLM(cfg).parameters()) if lo else 0
+    return {"parallel": parallel, "gpus": info.world_size, "d_model": cfg.d_model, "max_layers_fit": lo,
+            "first_failing_layers": hi, "params_at_max": params, "tried": tried,
+            "budget_s": budget_s, "searched_s": time.perf_counter() - start}
+
+
+def worker(job: dict) -> None:
+    from muse_lm.training import distributed
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    info = distributed.setup(device, single_rank_group=True)
+    results = {"throughput": [], "fit": []}
+    modes = ["none"] if info.world_size == 1 else ["ddp", "fsdp"]
+    for preset in job["presets"]:
+        for mode in modes:
+            results["throughput"].append(_throughput(preset, mode, info, job["steps"], job["warmup"]))
+    if job.get("fit_budget_s") and info.world_size > 1:
+        for mode in modes:
+            results["fit"].append(_fit_search(mode, info, job["fit_budget_s"]))
+    if info.is_main:
+        Path(job["out"]).write_text(json.dumps(results))
+    distributed.barrier(info)
+    gc.collect()  # the trainers' meshes hold the process group: free them before teardown
+    distributed.teardown()
+
+
+# ---- driver side -------------------------------------------------------------------------------
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(n: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+            "127.0.0.1", "--master_port", str(_port())]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                                       os.environ.get("PYTHONPATH")]))}
+
+
+def _call(cmd: list[str], timeout: float) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
+    out = {"ok": proc.returncode == 0, "wall_s": time.perf_counter() - t0}
+    if proc.returncode:
+        out["error"] = proc.stderr[-3000:]
+    return out
+
+
+def _run_workers(nproc: int, job: dict, timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        job = {**job, "out": f.name}
+    status = _call([*_torchrun(nproc), __file__, "--worker", json.dumps(job)], timeout)
+    if status["ok"]:
+        status.update(json.loads(Path(job["out"]).read_text()))
+    return status
+
+
+def _train_cmd(nproc: int, out: Path, *args: str) -> list[str]:
+    launcher = _torchrun(nproc) if nproc > 1 else [sys.executable]
+    return [*launcher, "-m", "muse_lm", "train", "--out", str(out), "--no-progress", *args]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    from muse_lm.training.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def _loss_curves(work: Path, steps: int, timeout: float) -> dict:
+    mid = steps // 2
+    common = ["--preset", "8gb", "--steps", str(steps), "--set", "grad_accum=1", "--set", "log_every=1",
+              "--set", f"checkpoint_every={mid}", "--set", f"eval_every={mid}", "--set", "eval_batches=2",
+              "--set", "warmup_steps=10"]
+    one, two, resumed, cpu = (work / n for n in ("gpu1", "gpu2", "gpu2_resumed_on_1", "gpu2_resumed_on_cpu"))
+    out = {"steps": steps, "global_batch_rows": 8}
+    out["one_gpu"] = _call(_train_cmd(1, one, *common, "--set", "micro_batch=8"), timeout)
+    out["two_gpus_fsdp"] = _call(_train_cmd(2, two, *common, "--set", "micro_batch=4", "--parallel", "fsdp"),
+                                 timeout)
+    if not (out["one_gpu"]["ok"] and out["two_gpus_fsdp"]["ok"]):
+        return out
+    a, b = _losses(one), _losses(two)
+    out["loss_one_gpu"], out["loss_two_gpus"] = a, b
+    shared = sorted(set(a) & set(b))
+    out["max_abs_loss_diff"] = max(abs(a[s] - b[s]) for s in shared)
+    # On the CPU: one step with a short batch (it shows the checkpoint loads and trains there).
+    cpu_extra = ["--stop-at", str(mid + 1), "--set", "seq_len=256", "--set", "eval_batches=1"]
+    for target, device, extra in ((resumed, "cuda", []), (cpu, "cpu", cpu_extra)):
+        shutil.copytree(two, target)
+        for path in target.glob("step-*"):
+            if int(path.name.split("-")[1]) > mid:
+                shutil.rmtree(path)
+        (target / "latest").write_text(f"step-{mid:07d}\n")
+        micro = "8" if device == "cuda" else "1"
+        key = "resume_on_one_gpu" if device == "cuda" else "resume_on_cpu"
+        out[key] = _call(_train_cmd(1, target, "--resume", "--device", device, "--set", f"micro_batch={micro}",
+                                    *extra), timeout)
+        if out[key]["ok"]:
+            c = _losses(target)
+            out[key]["losses_after_resume"] = {s: c[s] for s in sorted(c) if s > mid}
+            if device == "cuda":
+                out[key]["max_abs_diff_vs_two_gpus"] = max(abs(c[s] - b[s]) for s in c if s > mid and s in b)
+    return out
+
+
+def _plot(curves: dict, path: Path) -> None:
+    """The 1- vs 2-GPU loss curves; nothing is drawn when neither run produced a curve (an empty
+    chart would look like a result)."""
+    if not (curves.get("loss_one_gpu") or curves.get("loss_two_gpus")):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss_one_gpu", "1 GPU, micro-batch 8"), ("loss_two_gpus", "2 GPUs FSDP2, 4 + 4")):
+        data = curves.get(key) or {}
+        ax.plot(list(map(int, data)), list(data.values()), label=label)
+    resumed = (curves.get("resume_on_one_gpu") or {}).get("losses_after_resume") or {}
+    if resumed:
+        ax.plot(list(map(int, resumed)), list(resumed.values()), "--", label="2-GPU checkpoint resumed on 1 GPU")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("8gb preset: same global batch on 1 and 2 GPUs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _environment() -> dict:
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"gpus": gpus, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpus else None,
+            "python": sys.version.split()[0], "commit": git_commit(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _summary(tp: list[dict]) -> dict:
+    by = {(r["preset"], r["parallel"], r["gpus"]): r for r in tp}
+    out = {}
+    for preset in PRESETS:
+        one = by.get((preset, "none", 1))
+        ddp, fsdp = by.get((preset, "ddp", 2)), by.get((preset, "fsdp", 2))
+        if not (one and ddp and fsdp):
+            continue
+        best = max(ddp["tokens_per_s"], fsdp["tokens_per_s"])
+        out[preset] = {"speedup_2gpu_best": best / one["tokens_per_s"],
+                       "fsdp_over_ddp_model_state": fsdp["model_state_gib_per_gpu"] / ddp["model_state_gib_per_gpu"],
+                       "peak_gib_per_gpu": {"1gpu": one["peak_gib_per_gpu"], "ddp": ddp["peak_gib_per_gpu"],
+                                            "fsdp": fsdp["peak_gib_per_gpu"]}}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results", help="directory for distributed.json + png")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fit-budget-s", type=float, default=60.0, help="seconds of layer search per mode")
+    parser.add_argument("--curve-steps", type=int, default=40)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(json.loads(args.worker))
+        return
+    if torch.cuda.device_count() < 2:
+        raise SystemExit(f"bench_distributed needs 2 GPUs; this machine has {torch.cuda.device_count()}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job = {"presets": list(PRESETS), "steps": args.steps, "warmup": args.warmup}
+    t0 = time.perf_counter()
+    single = _run_workers(1, job, timeout=180)
+    pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s}, timeout=180 + 2 * args.fit_budget_s + 60)
+    throughput = single.get("throughput", []) + pair.get("throughput", [])
+    with tempfile.TemporaryDirectory() as work:
+        curves = _loss_curves(Path(work), args.curve_steps, timeout=240)
+    result = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
+              "fit": pair.get("fit", []), "loss_curves": curves,
+              "workers": {"1gpu": {k: single[k] for k in ("ok", "wall_s", "error") if k in single},
+                          "2gpu": {k: pair[k] for k in ("ok", "wall_s", "error") if k in pair}},
+              "total_s": time.perf_counter() - t0,
+              "command": "PYTHONPATH=src python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])}
+    (out_dir / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
+    _plot(curves, out_dir / "distributed_loss.png")
+    print(json.dumps({"summary": result["summary"], "fit": [{k: f[k] for k in ("parallel", "max_layers_fit")}
+                                                            for f in result["fit"]],
+                      "total_s": result["total_s"]}))
+
+
+if __name__ == "__main__":
+    main()
