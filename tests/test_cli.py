@@ -226,3 +226,13 @@ def test_bad_input_exit_code_through_the_real_entry_point(cli_env):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("muse: error: unknown preset 'nope'")
+
+
+def test_the_cli_starts_without_loading_the_server_stack():
+    """`muse train` must not need starlette / uvicorn: the serve command loads them when it runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, muse_lm.cli; print(sorted(m for m in ('starlette', 'uvicorn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

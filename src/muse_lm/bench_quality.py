@@ -38,7 +38,7 @@ from torch._dynamo.exc import TorchDynamoException
 
 from muse_lm.errors import ConfigError, DataError, MuseUserError
 from muse_lm.io import write_text_atomic
-from muse_lm.layers import DenseTiedEmbedding
+from muse_lm.layers import DenseTiedEmbedding, convert_to_lns
 from muse_lm.models import MuseConfig, MuseLM, TransformerConfig, TransformerLM
 from muse_lm.presets import count_parameters, get_preset
 from muse_lm.provenance import git
@@ -107,9 +107,6 @@ def plan_configs(settings: QualitySettings) -> tuple[MuseConfig, TrainConfig]:
     # hundreds of updates; memory is not the question here, so no activation checkpointing.
     train = dataclasses.replace(preset.train, grad_accum=1, activation_checkpointing=False)
     model, train = apply_overrides(preset.model, train, settings.overrides)
-    if train.lns:
-        raise ConfigError(f"preset {settings.preset} trains with LNS weights, which the trainer does not support "
-                          "yet; use --preset 8gb for the same shape in bf16")
     return model, train
 
 
@@ -414,6 +411,8 @@ def train_model(name: str, make_model: Callable[[], nn.Module], cfg: TrainConfig
     start = time.perf_counter()
     seed_everything(seed)
     model = make_model()
+    if cfg.lns:  # the recipe's 8-bit LNS FFN weights, trained straight-through (as `muse train` does)
+        convert_to_lns(model, "ffn", trainable=True)
     log.info("%s: %.2fM params (%.2fM non-embedding), %d steps of %d tokens", name, model.num_parameters() / 1e6,
              model.num_parameters(exclude_embedding=True) / 1e6, limits.stop_at, cfg.tokens_per_step)
     with tempfile.TemporaryDirectory(prefix=f"muse-bench-{name}-") as tmp:
@@ -683,7 +682,8 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None,
                    help="token budget per model, at most one epoch (default: ppl 2M, ablate 1.5M)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="time cap per model run, compile and evaluations included (default: ppl 180, ablate 120)")
+                   help="time cap per model run, compile and evaluations included (default: ppl 180, ablate 120; "
+                        "model, memory: the whole part, 540)")
     p.add_argument("--preset", default="8gb", help="model shape and recipe (default: 8gb)")
     p.add_argument("--data", default=None, help="corpus: file, .jsonl, directory, glob, python-stdlib (default) "
                                                 "or python-sources")
@@ -696,6 +696,7 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MuseConfig/TrainConfig field for every model, e.g. --set lr=6e-4")
+    p.add_argument("--quick", action="store_true", help="model, memory: a smaller grid and fewer steps")
     p.add_argument("--variants", default=None,
                    help=f"ablate: comma list starting with full (default: {','.join(ABLATIONS)})")
     p.add_argument("--out", default=None, help="directory for <part>.json and <part>.png "
@@ -704,7 +705,8 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
 
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     """Registers `muse bench` on an argparse subparsers object."""
-    p = sub.add_parser("bench", help="benchmarks: trained perplexity vs a transformer (ppl), ablations (ablate)")
+    p = sub.add_parser("bench", help="benchmarks: trained perplexity vs a transformer (ppl), ablations (ablate), "
+                                        "training speed vs T (model), preset memory (memory)")
     p.add_argument("--only", default=None, help=f"comma list of parts: {', '.join(PARTS)} (default: all)")
     add_bench_options(p)
     p.set_defaults(func=cmd_bench)
@@ -722,10 +724,11 @@ def _parts(only: str | None) -> list[BenchPart]:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Runs the parts, writes <out>/<part>.json and .png, prints the markdown report."""
     parts = _parts(args.only)
-    plans = [part.plan(args) for part in parts]  # every mistake is reported before anything runs
     out = Path(args.out) if args.out else Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory")
+    args.out = str(out)  # the model and memory parts rewrite <out>/<part>.json as they go
+    plans = [part.plan(args) for part in parts]  # every mistake is reported before anything runs
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for part, plan in zip(parts, plans):
@@ -734,8 +737,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         part.plot(record, out / f"{part.name}.png")
         reports.append(part.report(record))
         log.info("%s: wrote %s and %s", part.name, out / f"{part.name}.json", out / f"{part.name}.png")
+        write_report(out)
     print("\n\n".join(reports))
     return 0
+
+
+def write_report(out: Path) -> Path:
+    """<out>/report.md: the tables and plot of every part whose JSON is in `out` (parts run one at a
+    time into one directory add up)."""
+    sections = []
+    for name, part in PARTS.items():
+        if (out / f"{name}.json").exists():
+            text = part.report(json.loads((out / f"{name}.json").read_text()))
+            png = f"\n\n![{name}]({name}.png)" if (out / f"{name}.png").exists() else ""
+            sections.append(text + png)
+    path = out / "report.md"
+    write_text_atomic(path, "# muse bench\n\n" + "\n\n".join(sections) + "\n")
+    return path
 
 
 def script_main(part: str, argv: list[str] | None = None) -> int:
@@ -750,3 +768,7 @@ def script_main(part: str, argv: list[str] | None = None) -> int:
     except MuseUserError as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+# The model-speed and memory parts register themselves (muse_lm.bench_speed imports this module).
+from muse_lm import bench_speed  # noqa: E402, F401, I001
