@@ -149,7 +149,8 @@ def part_bandwidth(results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scans.json"))
-    ap.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens // T)")
+    ap.add_argument("--tokens", type=int, default=131072,
+                    help="tokens per call (B = tokens // T); at 32K a call is ~1 ms and partly launch-bound")
     ap.add_argument("--parts", default="per_token,bandwidth,versus")
     args = ap.parse_args()
     start = time.time()
