@@ -99,7 +99,7 @@ def test_oom_is_recorded_and_the_next_length_still_runs(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
         return real(model, optimizer, ids, targets, device)
 
-    monkeypatch.setattr(bench_speed, "train_step", fake)
+    monkeypatch.setattr(bench_speed.model_part, "train_step", fake)
     record = run_model_part(_tiny_model_settings(tmp_path, models=("muse",)))
     oom, ok = record["models"]["muse"]["points"]
     assert oom["oom"].startswith("CUDA out of memory") and "step_s" not in oom
