@@ -62,11 +62,14 @@ def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("t", [1, 7, 63, 64, 65, 1000, 4097])
 def test_every_config_matches_fp64_reference(t, dtype):
+    """Every config at T = 1, 65 and 4097; the other lengths with the first config only. Each distinct
+    T specializes and compiles every kernel of every config again, which is what made this module
+    run for minutes: the union still covers every length and every config several times."""
     from muse_lm.ops.semiseparable.triton import CONFIGS
 
     args = _problem(2, t, 3, 32, 64, dtype, seed=t)
     ref = _reference(*args)
-    for cfg in CONFIGS:
+    for cfg in CONFIGS if t in (1, 65, 4097) else CONFIGS[:1]:
         _check_config(cfg, args, ref, dtype)
 
 
