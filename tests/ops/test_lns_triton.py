@@ -90,3 +90,30 @@ def test_dispatch_runs_the_kernels_through_lns_matmul():
     d_t = lns_matmul(to_lns(a, 8), to_lns(b, 8), mode="datapath", frac_bits=8, impl="triton")
     d_r = lns_matmul(to_lns(a, 8), to_lns(b, 8), mode="datapath", frac_bits=8, impl="torch")
     assert torch.equal(d_t[0], d_r[0]) and torch.equal(d_t[1], d_r[1])
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="compiles for real GPU targets (no GPU needed)")
+@pytest.mark.parametrize("capability", [86, 90], ids=["sm86", "sm90"])
+def test_every_declared_config_compiles_and_its_shared_memory_estimate_holds(capability):
+    """Compiled offline for an RTX 3090 / 4090-class card (sm_86, 99 KB of shared memory) and an H100:
+    the estimate the autotuner prunes with is what Triton allocates, and every config fits 99 KB."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from muse_lm.ops.lns.triton import DATAPATH_CONFIGS, MAX_LOG_CONFIGS, _datapath_kernel, _max_log_kernel
+
+    ptrs = {"sa_ptr": "*i8", "sb_ptr": "*i8", "s_ptr": "*i8"}
+    max_log = {**ptrs, "la_ptr": "*fp32", "lb_ptr": "*fp32", "l_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
+    datapath = {**ptrs, "la_ptr": "*i32", "lb_ptr": "*i32", "tsb_ptr": "*i32", "tdb_ptr": "*i32", "l_ptr": "*i32",
+                "M": "i32", "N": "i32", "K": "i32", "SB_LEN": "i32", "DB_LEN": "i32"}
+    target = GPUTarget("cuda", capability, 32)
+    for kernel, signature, configs in ((_max_log_kernel, max_log, MAX_LOG_CONFIGS),
+                                       (_datapath_kernel, datapath, DATAPATH_CONFIGS)):
+        names = list(kernel.arg_names)
+        sig = {name: signature.get(name, "constexpr") for name in names}
+        for cfg in configs:
+            consts = {"BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "INTERPRET": False}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            assert compiled.metadata.shared <= cfg.smem_bytes() <= 99 * 1024, (kernel.__name__, cfg)

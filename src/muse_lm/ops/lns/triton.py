@@ -51,11 +51,36 @@ class TileConfig:
         if self.num_warps not in (1, 2, 4, 8):
             raise ValueError(f"TileConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
 
+    def smem_bytes(self) -> int:
+        """Shared memory of the max_log / datapath kernel at this tile: the layout conversion of the
+        fp32 [BM, BK, BN] term tile (BK = 1 for datapath). Equal to what Triton 3.6 allocates for
+        sm_86 and sm_90 (checked by compiling every declared config in tests/ops/test_lns_triton.py)."""
+        return 4 * self.block_m * self.block_n * self.block_k
 
-# Declared once: the autotuner's search space on CUDA and, each one, a
-# test case under the interpreter and on the GPU. tl.dot wants every block >= 16.
+
+# Declared once: the autotuner's search space on CUDA (pruned by the device's shared memory) and,
+# each one, a test case under the interpreter and on the GPU.
 MAX_LOG_CONFIGS = (TileConfig(32, 32, 8, 4), TileConfig(64, 64, 4, 8), TileConfig(16, 64, 8, 4))
 DATAPATH_CONFIGS = (TileConfig(32, 32, 1, 4), TileConfig(64, 64, 1, 8), TileConfig(16, 32, 1, 2))
+
+
+@functools.cache
+def _max_shared_mem(device_index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return int(props["max_shared_mem"])
+
+
+def _tile(c: triton.Config) -> TileConfig:
+    return TileConfig(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
+
+
+def _fits_shared_memory(configs, named_args, **kwargs):
+    """The configs whose tile fits the device's shared memory (99 KB on consumer cards); the
+    smallest one if none does."""
+    device = named_args["s_ptr"].device
+    limit = _max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+    fit = [c for c in configs if _tile(c).smem_bytes() <= limit]
+    return fit or [min(configs, key=lambda c: _tile(c).smem_bytes())]
 
 
 def _triton_configs(configs) -> list[triton.Config]:
@@ -114,7 +139,8 @@ def _max_log_kernel(sa_ptr, la_ptr, sb_ptr, lb_ptr, s_ptr, l_ptr, M, N, K, BM: t
     tl.store(l_ptr + p_c, top, mask=m_c)
 
 
-_max_log_tuned = triton.autotune(configs=_triton_configs(MAX_LOG_CONFIGS), key=["M", "N", "K"])(_max_log_kernel)
+_max_log_tuned = triton.autotune(configs=_triton_configs(MAX_LOG_CONFIGS), key=["M", "N", "K"],
+                                 prune_configs_by={"early_config_prune": _fits_shared_memory})(_max_log_kernel)
 
 
 # ---- datapath --------------------------------------------------------------------------------------
@@ -167,7 +193,8 @@ def _datapath_kernel(sa_ptr, la_ptr, sb_ptr, lb_ptr, tsb_ptr, tdb_ptr, s_ptr, l_
     tl.store(l_ptr + p_c, tl.where(acc_s == 0, LOG_ZERO_I32, acc_l), mask=m_c)
 
 
-_datapath_tuned = triton.autotune(configs=_triton_configs(DATAPATH_CONFIGS), key=["M", "N", "K"])(_datapath_kernel)
+_datapath_tuned = triton.autotune(configs=_triton_configs(DATAPATH_CONFIGS), key=["M", "N", "K"],
+                                  prune_configs_by={"early_config_prune": _fits_shared_memory})(_datapath_kernel)
 
 
 @functools.cache
