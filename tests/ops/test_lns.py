@@ -201,6 +201,22 @@ def test_scaled_gemm_fast_path_matches_the_reference_including_the_guard_and_pm2
         exact_scaled_gemm(to_lns(torch.ones(2, 0)), to_lns(torch.ones(0, 3)))
 
 
+def test_fast_exact_path_keeps_fixed_point_precision_for_large_logs():
+    """Fixed-point logs near 2e4 need more than fp32's 24 bits: the GPU path must match the reference."""
+    from muse_lm.ops.lns import _exact  # the dispatch both paths share: "triton" = the scaled GEMM
+
+    g = _gen(31)
+    f = 16
+    sa = torch.where(torch.rand(4, 3, generator=g) < 0.5, -1, 1).to(torch.int8)
+    sb = torch.where(torch.rand(3, 5, generator=g) < 0.5, -1, 1).to(torch.int8)
+    la = ((20000 + 5 * torch.rand(4, 3, generator=g, dtype=torch.float64)) * 2**f).round() * 2.0**-f
+    lb = ((-30000 + 5 * torch.rand(3, 5, generator=g, dtype=torch.float64)) * 2**f).round() * 2.0**-f
+    got = _exact((sa, la), (sb, lb), "triton")
+    want = _exact((sa, la), (sb, lb), "torch")
+    assert torch.equal(got[0], want[0])
+    assert (got[1].double() - want[1]).abs().max().item() < 2.0**-f
+
+
 def test_ieee_fp32_matmul_restores_the_tf32_setting():
     from muse_lm.ops.lns.gemm import ieee_fp32_matmul
 
@@ -325,3 +341,5 @@ def test_lns_matmul_errors():
         lns_matmul(x, x.T, impl="triton")
     with pytest.raises(NotImplementedError, match="impl='torch'"):
         lns_matmul(x, x.T, mode="datapath", frac_bits=23, impl="triton")
+    with pytest.raises(NotImplementedError, match="fixed-point"):  # fp32 log sums would round them
+        lns_matmul(x, x.T, mode="max_log", frac_bits=8, impl="triton")

@@ -153,6 +153,21 @@ def test_neg_inf_rows_columns_and_disjoint_supports_are_exact_and_nan_free():
 
 
 @interp
+def test_nan_inputs_propagate_to_the_output_and_the_gradients():
+    """A NaN must stay visible: not become -inf with zero gradients (a silently finite loss)."""
+    from muse_lm.ops.log_matmul.triton import CONFIGS
+
+    a, b = inputs("n10", seed=9)
+    a[0, 1, 3] = float("nan")  # poisons output row 1 of batch 0
+    b[1, 4, 6] = float("nan")  # poisons output column 6 of batch 1
+    grad = torch.randn(SHAPE[0], SHAPE[1], SHAPE[3], generator=torch.Generator().manual_seed(10))
+    c, _, da, _ = run_all(a, b, grad, CONFIGS[0])
+    assert c[0, 1].isnan().all() and c[1, :, 6].isnan().all()
+    assert da[0, 1].isnan().any()
+    assert torch.isfinite(c[0, 0]).all()  # the other rows are untouched
+
+
+@interp
 def test_public_op_impl_triton_with_batch_broadcast_bf16_and_ieee():
     from muse_lm.ops.log_matmul.triton import CONFIGS, log_matmul_forward
 

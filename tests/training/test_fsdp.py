@@ -195,13 +195,15 @@ def test_rank_targeted_fault_fires_on_its_rank_only():
         parse_fault_target("nan_loss@5:gpu1")
 
 
-def test_nan_on_one_rank_gives_the_same_recovery_on_both(small_corpus, tiny_defaults, cli_env, tmp_path):
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_nan_on_one_rank_gives_the_same_recovery_on_both(parallel, small_corpus, tiny_defaults, cli_env, tmp_path):
     """Four NaN losses on rank 1 only climb the ladder to a rollback, then a blown-up block on
     rank 1 only to a re-init of that block (singled out from the sharded statistics); the lagged
-    (CUDA-style, fused AdamW found_inf) monitor path is used, under FSDP."""
+    (CUDA-style, fused AdamW found_inf) monitor path is used. Under DDP the replicas must still be
+    equal afterwards (the re-drawn weights come from rank 0)."""
     faults = [f"nan_loss@{s}:rank1" for s in (6, 7, 8, 9)] + ["bad_layer@12:rank1"]
     args = {"corpus": str(small_corpus), "overrides": {**tiny_defaults, "micro_batch": 2}, "faults": faults,
-            "steps": 16}
+            "steps": 16, "parallel": parallel}
     _run([*_torchrun(), __file__, "worker", str(tmp_path), json.dumps(args)], cli_env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     events = [[(e["step"], e["action"], e.get("to_step"), e.get("layers")) for e in r["events"]] for r in ranks]
@@ -210,6 +212,8 @@ def test_nan_on_one_rank_gives_the_same_recovery_on_both(small_corpus, tiny_defa
     assert events[0][-1][3] == ["blocks.0"]
     expected = sorted([["nan_loss", s] for s in (6, 7, 8, 9)] + [["bad_layer", 12]])
     assert all(r["step"] == 16 and r["fired"] == expected and r["finite"] for r in ranks)
+    if parallel == "ddp":
+        assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
 def _worker(out: Path, args: dict) -> None:
@@ -221,19 +225,20 @@ def _worker(out: Path, args: dict) -> None:
 
     options = RunOptions(preset="tiny", data=args["corpus"], out=str(out / "run"), steps=args["steps"],
                          overrides=args["overrides"], progress=False, device="cpu", faults=args["faults"],
-                         parallel="fsdp")
+                         parallel=args["parallel"])
     info = distributed.setup(torch.device("cpu"), single_rank_group=True)
     trainer = None
     try:
         trainer = build_trainer(plan_run(options, info), options, torch.device("cpu"), info,
-                                stability=StabilityConfig(lag=1), parallel="fsdp")
+                                stability=StabilityConfig(lag=1), parallel=args["parallel"])
         events = EventLog(out / f"events.rank{info.rank}.jsonl")
         trainer.policy.events = events  # every rank logs its own decisions
         trainer.snapshots = SnapshotKeeper(2, 1)  # a confirmed snapshot exists before the faults
         trainer.fit()
-        finite = all(bool(torch.isfinite(p.to_local()).all()) for p in trainer.model.parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.model.parameters()]
+        finite = all(bool(torch.isfinite(t).all()) for t in local)
         result = {"events": events.read(), "step": trainer.step, "fired": trainer.faults.state_dict(),
-                  "finite": finite}
+                  "finite": finite, "weights": [float(t.double().sum()) for t in local]}
         (out / f"rank{info.rank}.json").write_text(json.dumps(result))
         distributed.barrier(info)
     finally:

@@ -135,5 +135,21 @@ class ShardedStabilityMonitor(StabilityMonitor):
         return names, torch.stack(rows).sqrt()
 
 
+class ReplicatedStabilityMonitor(StabilityMonitor):
+    """The StabilityMonitor for DDP: every rank holds the whole model, but a fault (or a bug) can
+    make one rank's weights or activations differ, and then each rank would single out different
+    layers, re-initialize different weights and broadcast mismatched tensors. The per-layer
+    statistics are averaged over the ranks (one all-reduce, queued: no host sync), so every rank
+    picks the same suspects. Collective, like ShardedStabilityMonitor."""
+
+    def layer_stats_tensor(self, model: nn.Module) -> tuple[list[str], torch.Tensor]:
+        names, stats = super().layer_stats_tensor(model)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            stats = stats.clone()
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            stats = stats / dist.get_world_size()
+        return names, stats
+
+
 def _sum_sq(tensors: list[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
     return sum((t.detach().float().pow(2).sum() for t in tensors), zero)

@@ -117,7 +117,11 @@ class Trainer:
         self.engine: nn.Module = self.model
         if self.parallel == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.engine = DistributedDataParallel(self.model, device_ids=ids)
+            # No per-forward buffer broadcast (a collective on every micro-batch): the running
+            # buffers (gate_mean EMAs) are averaged over the ranks before each checkpoint instead,
+            # as under FSDP. Gradients live in the all-reduce buckets: no second copy.
+            self.engine = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
+                                                  gradient_as_bucket_view=True)
         stability = stability or StabilityConfig()
         # lag >= 1: health is read on the host `lag` steps late, and the skip of an unhealthy
         # update happens on the device through the fused AdamW's `found_inf` (see stability.py).
@@ -143,7 +147,8 @@ class Trainer:
         # Stability: the monitor judges each step, the policy escalates, snapshots back rollbacks.
         # `data_offset` shifts the batch index after a rollback so the batches that led to the
         # trouble are skipped (0 in a run without rollbacks: exact resume is unchanged).
-        self.monitor = (fsdp.ShardedStabilityMonitor if self.parallel == "fsdp" else StabilityMonitor)(stability)
+        monitors = {"fsdp": fsdp.ShardedStabilityMonitor, "ddp": fsdp.ReplicatedStabilityMonitor}
+        self.monitor = monitors.get(self.parallel, StabilityMonitor)(stability)
         self._reader = LaggedReader()
         self.monitor.attach(self.model)
         self.events = EventLog(self.run_dir / EVENTS_FILE) if self.dist.is_main else None
@@ -422,6 +427,12 @@ class Trainer:
         if decision.action == "reinit":
             layers = decision.suspects
             names = reinit_layers(self.model, self.optimizer, layers)
+            if self.parallel == "ddp":
+                # Each rank has its own RNG stream: rank 0's fresh weights go to every rank, or
+                # the replicas would differ from here on.
+                params = dict(self.model.named_parameters())
+                for name in names:
+                    torch.distributed.broadcast(params[name].data, src=0)
             what = (f"re-initialized {len(names)} weight matrices of {', '.join(layers)}" if layers else
                     "no layer stood out in the statistics, so nothing was re-initialized")
             self.policy.record(decision.step, "reinit", f"{decision.reason}; {what}", layers=layers)
@@ -589,7 +600,7 @@ class Trainer:
 
     def save(self, progress: Progress | None = None) -> Path:
         """Checkpoints the current step (collective under DDP / FSDP; rank 0 writes)."""
-        if self.parallel == "fsdp":
+        if self.parallel in ("ddp", "fsdp"):
             fsdp.average_buffers(self.model)
         self.elapsed_s = self._clock()
         state = self.train_state()

@@ -144,11 +144,13 @@ def lns_matmul(
             f"{op}: a {tuple(pa[0].shape)} on {pa[0].device} and b {tuple(pb[0].shape)} on {pb[0].device} do not "
             "multiply: need [M,K] @ [K,N] on one device"
         )
-    has_kernel = mode != "datapath" or frac_bits in _TRITON_DATAPATH_F
+    # max_log's kernel adds logs in fp32; fixed-point logs need their exact integer sums, so they
+    # run on the float64 reference (like fp64 inputs of the other ops).
+    has_kernel = {"exact": True, "max_log": frac_bits is None, "datapath": frac_bits in _TRITON_DATAPATH_F}[mode]
     if impl == "triton" and not has_kernel:
-        raise NotImplementedError(
-            f"{op}: the Triton datapath kernel supports frac_bits 1..12, got {frac_bits}; pass impl='torch'"
-        )
+        why = ("the Triton datapath kernel supports frac_bits 1..12" if mode == "datapath" else
+               "the Triton max_log kernel adds float32 logs, not fixed-point ones")
+        raise NotImplementedError(f"{op}: {why}, got frac_bits={frac_bits}; pass impl='torch' (or impl=None)")
     chosen = resolve_impl(op, impl, pa[0], pb[0], has_triton_kernel=has_kernel)
     m_dim, n_dim = pa[0].shape[0], pb[0].shape[1]
     if pa[0].shape[1] == 0:  # an empty sum is 0

@@ -38,10 +38,12 @@ def ieee_fp32_matmul() -> Iterator[None]:
 def _scaled(sign: Tensor, log: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """(sign * 2^(log - scale) fp32, scale) with scale = ceil(max over `dim` of the nonzero logs)
     (-inf for an all-zero row / column, whose scaled values are then all 0)."""
-    log = torch.where(sign != 0, log.float(), float("-inf"))
+    log = torch.where(sign != 0, log, float("-inf"))
     scale = torch.ceil(log.amax(dim, keepdim=True))
     safe = torch.where(torch.isfinite(scale), scale, 0.0)
-    return log.sub_(safe).exp2_().mul_(sign), scale.squeeze(dim)  # in place: one temporary per operand
+    # The integer scale comes off in the logs' own dtype (float64 for fixed-point logs, whose
+    # magnitudes can need more than fp32's 24 bits), then the exponent in [-inf, 0] goes to fp32.
+    return log.sub_(safe).float().exp2_().mul_(sign), scale.squeeze(dim)
 
 
 def exact_scaled_gemm(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:

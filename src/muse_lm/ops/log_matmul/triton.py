@@ -242,8 +242,9 @@ def _fwd_kernel(
     else:
         for k0 in range(0, K, BK):
             acc = _fwd_step(a_rows, b_cols, k0, s_ak, s_bk, m_m, m_n, K, sa, sb, acc, BK, PREC)
-    # Finite maxima: some finite A in the row and B in the column (else no term is finite: -inf).
-    seen = (tl.abs(pa) < float("inf"))[:, None] & (tl.abs(pb) < float("inf"))[None, :]
+    # Some finite A in the row and B in the column (else no term is finite: -inf). Compared with
+    # != -inf, not abs() < inf: a NaN maximum must reach C as NaN, not turn into -inf.
+    seen = (pa != float("-inf"))[:, None] & (pb != float("-inf"))[None, :]
     c = tl.where(seen, (sa + sb) + tl.log(acc), float("-inf"))
     flag = seen & (acc < _UNDERFLOW)  # NaN sums compare False: NaN passes through unflagged
     m_mn = m_m[:, None] & m_n[None, :]
@@ -320,7 +321,7 @@ def _bwd_step(y_cols, c_rows, g_rows, k0, s_yk, s_ck, s_gk, m_m, m_n, K, rx, acc
     ry = tl.max(y, axis=1)
     ey = tl.exp(y - (_finite_or_zero(ry) - _HALF)[:, None])
     # C = -inf: every term of that output is -inf, its weights are 0 (E = -inf, not NaN).
-    e = tl.where(c > float("-inf"), rx[:, None] + ry[None, :] - c, float("-inf"))
+    e = tl.where(c == float("-inf"), float("-inf"), rx[:, None] + ry[None, :] - c)  # NaN C stays NaN
     e_max = tl.maximum(e_max, tl.max(e, axis=1))
     z = g * tl.exp(tl.minimum(e, _E_MAX) - 2 * _HALF)
     return tl.dot(z, ey, acc, input_precision=PREC), e_max  # [BM, BK] @ [BK, BN]
@@ -379,7 +380,7 @@ def _guard_bwd_step(x, y_ptrs, c_ptrs, g_ptrs, k0, m_m, m_n, K, acc, GK: tl.cons
     y = tl.load(y_ptrs, mask=m_n[:, None] & m_k[None, :], other=float("-inf")).to(tl.float32)  # [GN, GK]
     m_mk = m_m[:, None] & m_k[None, :]
     c = tl.load(c_ptrs, mask=m_mk, other=float("inf"))  # [GM, GK]
-    c = tl.where(c > float("-inf"), c, float("inf"))  # C = -inf: weight exp(-inf - inf) = 0
+    c = tl.where(c == float("-inf"), float("inf"), c)  # C = -inf: weight exp(-inf - inf) = 0; NaN stays
     g = tl.load(g_ptrs, mask=m_mk, other=0.0).to(tl.float32)
     t = x[:, :, None] + y[None, :, :] - c[:, None, :]  # [GM, GN, GK]
     return acc + tl.sum(tl.exp(t) * g[:, None, :], axis=2)
