@@ -79,13 +79,23 @@ def _timed(fn: Callable[[], object], device: torch.device) -> tuple[object, floa
     return out, time.perf_counter() - start
 
 
+_resident = {"bytes": 0}
+
+
 def _reset_peak(device: torch.device) -> None:
+    """Starts a peak measurement; what is allocated now (every variant's weights stay resident for
+    the whole run, plus earlier decoders' buffers) is the baseline `_peak` subtracts."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        _resident["bytes"] = torch.cuda.memory_allocated(device)
 
 
 def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    """Bytes allocated at the peak since `_reset_peak` beyond what was resident then: the memory this
+    measurement itself needed (states or KV cache, activations, logits), not the other models'."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) - _resident["bytes"]
 
 
 def _free(device: torch.device) -> None:
@@ -164,12 +174,13 @@ def greedy_decode(step: Callable[[torch.Tensor], torch.Tensor], logits: torch.Te
 
     _, seconds = _timed(run, device)
     batch = tokens[0].shape[0]
-    timing = {"ms_per_token": 1e3 * seconds / n, "tokens_per_s": batch * n / seconds, "peak_bytes": _peak(device)}
+    timing = {"ms_per_token": 1e3 * seconds / n, "tokens_per_s": batch * n / seconds,
+              "peak_bytes_above_resident": _peak(device)}
     return timing, torch.stack(tokens, 1).cpu()
 
 
 def _prefill_record(seconds: float, batch: int, context: int, device: torch.device, rows: int) -> dict:
-    return {"seconds": seconds, "tokens_per_s": rows * context / seconds, "peak_bytes": _peak(device),
+    return {"seconds": seconds, "tokens_per_s": rows * context / seconds, "peak_bytes_above_resident": _peak(device),
             "rows_prefilled": rows, **({} if rows == batch else {"note": "batch prefill did not fit (OOM); "
                                         "the batch-1 prompt's state is copied to every row for decoding"})}
 
