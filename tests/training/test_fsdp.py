@@ -251,3 +251,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:
         raise SystemExit("usage: test_fsdp.py worker OUT ARGS_JSON (run under torchrun)")
     _worker(Path(sys.argv[2]), json.loads(sys.argv[3]))
+
+
+def test_a_device_that_contradicts_torchrun_is_refused_before_touching_cuda(monkeypatch):
+    from muse_lm.errors import ConfigError
+    from muse_lm.training import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 0"):
+        distributed.setup(torch.device("cuda", 1))

@@ -58,7 +58,8 @@ def resolve_parallel(requested: str | None, info: DistInfo) -> str:
 
 def setup(device: torch.device, *, single_rank_group: bool = False) -> DistInfo:
     """Initializes the default process group when started with WORLD_SIZE > 1: NCCL for CUDA
-    devices (each rank on cuda:LOCAL_RANK), gloo on the CPU. Idempotent.
+    devices (each rank on cuda:LOCAL_RANK; one process on the device it was given), gloo on the
+    CPU. Idempotent.
 
     `single_rank_group=True` also creates a group of one process when WORLD_SIZE is 1 (DDP or
     FSDP2 on one device need a mesh): from torchrun's environment when it is set, else from an
@@ -69,8 +70,13 @@ def setup(device: torch.device, *, single_rank_group: bool = False) -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
     if device.type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-        kwargs["device_id"] = torch.device("cuda", info.local_rank)
+        if info.enabled and device.index is not None and device.index != info.local_rank:
+            raise ConfigError(f"--device {device}, but under torchrun this rank (LOCAL_RANK {info.local_rank}) "
+                              f"uses cuda:{info.local_rank}; pass --device cuda or leave --device out")
+        # One process may name its GPU (--device cuda:1); under torchrun each rank takes its own.
+        index = device.index if not info.enabled and device.index is not None else info.local_rank
+        torch.cuda.set_device(index)
+        kwargs["device_id"] = torch.device("cuda", index)
     if not info.enabled and "MASTER_ADDR" not in os.environ:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, **kwargs)
