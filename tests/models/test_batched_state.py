@@ -12,15 +12,6 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=2, max_rank=6, min_rank=2, chunk_size=8, tt_rank=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls: one intra-op thread is many times faster on a shared two-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_model(**kw) -> MuseLM:
     torch.manual_seed(0)
     return MuseLM(MuseConfig(**{**SMALL, **kw})).double().eval()

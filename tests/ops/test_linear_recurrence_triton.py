@@ -10,6 +10,7 @@ shapes are small here; tests/gpu/test_linear_recurrence_gpu.py runs every config
 
 import pytest
 import torch
+from test_linear_recurrence import naive  # the fp64 definition (differentiable), shared with the reference tests
 
 from muse_lm.ops._dispatch import interpreter_enabled
 from muse_lm.ops.scan import linear_recurrence
@@ -32,18 +33,6 @@ def make(shape, seed=0, dtype=torch.float32):
     initial = torch.randn(shape[:1] + shape[2:], generator=gen, dtype=torch.float64)
     grad_h = torch.randn(shape, generator=gen, dtype=torch.float64)
     return a.to(dtype), b.to(dtype), initial.to(dtype), grad_h.to(dtype)
-
-
-def naive(a, b, initial=None, reverse=False):
-    """The definition, one token at a time, in fp64 (differentiable: autograd gives the fp64 gradients)."""
-    a, b = a.double(), b.double()
-    h = torch.zeros_like(a[:, 0]) if initial is None else initial.double()
-    order = range(a.shape[1] - 1, -1, -1) if reverse else range(a.shape[1])
-    out = [None] * a.shape[1]
-    for t in order:
-        h = a[:, t] * h + b[:, t]
-        out[t] = h
-    return torch.stack(out, 1)
 
 
 def rel(got, want):
