@@ -1,26 +1,30 @@
 """DDP vs FSDP2 on 1 and 2 GPUs: throughput, memory, the largest model per GPU, 1- vs 2-GPU loss
 curves and resuming a 2-GPU checkpoint on 1 GPU (and briefly on the CPU).
 
-One command on a 2-GPU machine, about 8 minutes (`--fit-budget-s` / `--steps` trade time):
+One command on a 2-GPU machine, about 8 minutes on 2 H100s (`--fit-budget-s` / `--steps` trade time):
 
     PYTHONPATH=src python benchmarks/bench_distributed.py --out benchmarks/results
 
 writes `OUT/distributed.json` and `OUT/distributed_loss.png`. The driver (this process, no GPU
 work) starts `torchrun --nproc_per_node {1,2}` workers (this file with `--worker JOB`):
 
-- throughput: the 8gb and 24gb presets' models with their micro-batch per GPU (grad_accum 1,
-  synthetic tokens) through the real `Trainer.train_step` (monitor, clipping, fused AdamW):
-  tokens/s over all GPUs, peak memory per GPU (`max_memory_reserved` + the CUDA context, as
-  DESIGN.md counts it), and model-state bytes resident on each rank (parameters + gradients +
-  AdamW state; DTensor shards counted by their local size);
+- throughput: the 8gb and 24gb presets' models with their own micro-batch per GPU and their own
+  grad_accum (8 for both: how users run them; DDP and FSDP2 then reduce gradients once per 8
+  micro-batches), synthetic tokens, through the real `Trainer.train_step` (monitor, clipping,
+  fused AdamW): tokens/s over all GPUs, peak memory per GPU (`max_memory_reserved` + the CUDA
+  context, as DESIGN.md counts it), model-state bytes resident on each rank between steps
+  (parameters + gradients + AdamW state; DTensor shards counted by their local size), and the
+  bytes allocated between two micro-batches of a step (`allocated_mid_step_gib_per_gpu`: under
+  FSDP2 that includes the unsharded gradients accumulated before the step's one reduce-scatter);
 - fit: on 2 GPUs, the most layers of the 24gb preset's width that train (2 steps, activation
-  checkpointing on, micro-batch 1) with DDP and with FSDP2: doubling from 96, then bisection,
-  within `--fit-budget-s` per mode (`first_failing_layers: null` means the budget ran out first:
-  `max_layers_fit` is then a lower bound);
-- loss curve: `muse train --preset 8gb` for `--curve-steps` steps on 1 GPU (micro-batch 8) and
-  on 2 GPUs with FSDP2 (micro-batch 4 each: the same global batch), then the 2-GPU run resumed
-  on 1 GPU from its middle checkpoint (same global batch: the curves should overlap), and one
-  step of it on the CPU (micro-batch 1, seq_len 256: it shows the checkpoint loads and trains).
+  checkpointing on, micro-batch 1, grad_accum 1) with DDP and with FSDP2: doubling from 96, then
+  bisection, within `--fit-budget-s` per mode, timed and decided by rank 0 alone (`first_failing_layers:
+  null` means the budget ran out first: `max_layers_fit` is then a lower bound);
+- loss curve: `muse train --preset 8gb` for `--curve-steps` steps (grad_accum 1, to keep it
+  short) on 1 GPU (micro-batch 8) and on 2 GPUs with FSDP2 (micro-batch 4 each: the same global
+  batch), then the 2-GPU run resumed on 1 GPU from its middle checkpoint (same global batch: the
+  curves should overlap), and one step of it on the CPU (micro-batch 1, seq_len 256: it shows the
+  checkpoint loads and trains).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from muse_lm.provenance import git_commit  # noqa: E402
 
 PRESETS = ("8gb", "24gb")
+# The fit search trains micro-batch 1 without accumulation: FSDP2 then never holds unsharded
+# gradients (with grad_accum > 1 it does between micro-batches: see muse_lm/training/fsdp.py).
+FIT_GRAD_ACCUM = 1
+CURVE_GRAD_ACCUM = 1  # the loss curves: short runs that still compare 1 and 2 GPUs on one global batch
 
 
 # ---- worker side (runs under torchrun) ---------------------------------------------------------
@@ -57,8 +65,10 @@ def _context_bytes() -> int:
 
 
 def _state_bytes(trainer) -> dict:
-    """Bytes of parameters, gradients (one extra backward, then cleared) and optimizer state
-    resident on this rank."""
+    """Bytes of parameters, gradients and optimizer state resident on this rank, from one extra
+    step of two micro-batches run as the trainer runs them (then cleared): `allocated_mid_step`
+    is everything allocated after the first backward (activations are freed by then; gradients
+    kept for accumulation are not), the others are counted after the second, synced backward."""
     from muse_lm.training.evaluate import autocast_context
     from muse_lm.training.fsdp import local
 
@@ -66,16 +76,25 @@ def _state_bytes(trainer) -> dict:
         t = local(t)
         return t.numel() * t.element_size()
 
-    x, y = trainer.batches.batch(0)
-    with autocast_context(trainer.device, trainer.cfg.dtype):
-        loss = trainer.engine(x.to(trainer.device), y.to(trainer.device))
-    loss.backward()
+    def backward(index: int) -> None:
+        x, y = trainer.batches.batch(index)
+        with autocast_context(trainer.device, trainer.cfg.dtype):
+            loss = trainer.engine(x.to(trainer.device), y.to(trainer.device))
+        loss.backward()
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with trainer._grad_sync(last_micro=False):  # no gradient reduction before a step's last micro-batch
+        backward(0)
+    torch.cuda.synchronize()
+    mid_step = torch.cuda.memory_allocated()
+    backward(1)
     params = sum(nbytes(p) for p in trainer.model.parameters())
     grads = sum(nbytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
     trainer.optimizer.zero_grad(set_to_none=True)
     optim = sum(nbytes(v) for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
-    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim}
+    return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim,
+            "allocated_mid_step": mid_step}
 
 
 def _trainer(preset: str, parallel: str, info, run_dir: str, model_over: dict, train_over: dict,
@@ -86,7 +105,7 @@ def _trainer(preset: str, parallel: str, info, run_dir: str, model_over: dict, t
 
     p = get_preset(preset)
     model_cfg = dataclasses.replace(p.model, **model_over)
-    cfg = dataclasses.replace(p.train, grad_accum=1, steps=1000, warmup_steps=10, **train_over)
+    cfg = dataclasses.replace(p.train, steps=1000, warmup_steps=10, **train_over)  # the preset's grad_accum
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg.vocab_size, size=cfg.seq_len * cfg.micro_batch * info.world_size * 64 + 1)
     torch.manual_seed(0)
@@ -114,8 +133,10 @@ def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> di
         result = {"preset": preset, "parallel": parallel, "gpus": info.world_size, "steps": steps,
                   "tokens_per_s": steps * trainer.tokens_per_step / seconds, "step_s": seconds / steps,
                   "peak_gib_per_gpu": peak / 2**30, "model_state_gib_per_gpu": state["total"] / 2**30,
+                  "allocated_mid_step_gib_per_gpu": state["allocated_mid_step"] / 2**30,
                   "model_state_bytes": state, "params": trainer.model.num_parameters(),
-                  "micro_batch_per_gpu": trainer.cfg.micro_batch, "seq_len": trainer.cfg.seq_len}
+                  "micro_batch_per_gpu": trainer.cfg.micro_batch, "grad_accum": trainer.cfg.grad_accum,
+                  "tokens_per_step": trainer.tokens_per_step, "seq_len": trainer.cfg.seq_len}
         del trainer
     _free()
     return result
@@ -136,7 +157,7 @@ def _fits(parallel: str, layers: int, info) -> bool:
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = _trainer("24gb", parallel, info, run_dir, {"n_layers": layers},
-                               {"micro_batch": 1, "activation_checkpointing": True})
+                               {"micro_batch": 1, "grad_accum": FIT_GRAD_ACCUM, "activation_checkpointing": True})
             for _ in range(2):
                 trainer.train_step()
             torch.cuda.synchronize()
@@ -149,28 +170,43 @@ def _fits(parallel: str, layers: int, info) -> bool:
     return bool(ok.item())
 
 
+def _next_layers(layers: int, lo: int, hi: int | None, elapsed_s: float, budget_s: float) -> int | None:
+    """The next size to try after `layers` (lo: largest that fit so far, hi: smallest that did
+    not), or None to stop: the budget is spent, or the bracket is within 1/8 of lo."""
+    if elapsed_s >= budget_s:
+        return None
+    if hi is None:
+        return layers * 2
+    if hi - lo <= max(4, lo // 8):
+        return None
+    return (lo + hi) // 2
+
+
 def _fit_search(parallel: str, info, budget_s: float) -> dict:
+    """Collective: every rank runs the same tries. Whether to go on, and with what size, is
+    decided by rank 0 alone (its clock, its bookkeeping) and broadcast: ranks timing the budget
+    on their own clocks could disagree about one more try and wait in different collectives."""
+    from muse_lm.training.distributed import broadcast_object
+
     start, lo, hi, tried = time.perf_counter(), 0, None, []
-    layers = 96  # ~1.2B parameters at the 24gb width: doubling from there reaches 80 GB in a few tries
-    while time.perf_counter() - start < budget_s:
-        fits = _fits(parallel, layers, info)
+    layers: int | None = 96  # ~1.2B parameters at the 24gb width: doubling reaches 80 GB in a few tries
+    while layers is not None:
+        fits = _fits(parallel, layers, info)  # the same on every rank (a MIN all-reduce)
         tried.append({"n_layers": layers, "fits": fits})
         if fits:
             lo = layers
         else:
             hi = layers
-        if hi is None:
-            layers *= 2
-        elif hi - lo <= max(4, lo // 8):
-            break
-        else:
-            layers = (lo + hi) // 2
+        nxt = _next_layers(layers, lo, hi, time.perf_counter() - start, budget_s) if info.is_main else None
+        layers = broadcast_object(nxt, info)
     from muse_lm.models import MuseLM
     from muse_lm.presets import get_preset
 
     cfg = dataclasses.replace(get_preset("24gb").model, n_layers=max(lo, 1))
-    params = sum(p.numel() for p in MuseLM(cfg).parameters()) if lo else 0
-    return {"parallel": parallel, "gpus": info.world_size, "d_model": cfg.d_model, "max_layers_fit": lo,
+    with torch.device("meta"):  # counted without building (and initializing) billions of weights
+        params = sum(p.numel() for p in MuseLM(cfg).parameters()) if lo else 0
+    return {"parallel": parallel, "gpus": info.world_size, "d_model": cfg.d_model, "micro_batch_per_gpu": 1,
+            "grad_accum": FIT_GRAD_ACCUM, "max_layers_fit": lo,
             "first_failing_layers": hi, "params_at_max": params, "tried": tried,
             "budget_s": budget_s, "searched_s": time.perf_counter() - start}
 
@@ -246,11 +282,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _loss_curves(work: Path, steps: int, timeout: float) -> dict:
     mid = steps // 2
-    common = ["--preset", "8gb", "--steps", str(steps), "--set", "grad_accum=1", "--set", "log_every=1",
-              "--set", f"checkpoint_every={mid}", "--set", f"eval_every={mid}", "--set", "eval_batches=2",
-              "--set", "warmup_steps=10"]
+    common = ["--preset", "8gb", "--steps", str(steps), "--set", f"grad_accum={CURVE_GRAD_ACCUM}",
+              "--set", "log_every=1", "--set", f"checkpoint_every={mid}", "--set", f"eval_every={mid}",
+              "--set", "eval_batches=2", "--set", "warmup_steps=10"]
     one, two, resumed, cpu = (work / n for n in ("gpu1", "gpu2", "gpu2_resumed_on_1", "gpu2_resumed_on_cpu"))
-    out = {"steps": steps, "global_batch_rows": 8}
+    out = {"steps": steps, "global_batch_rows": 8, "grad_accum": CURVE_GRAD_ACCUM}
     out["one_gpu"] = _call(_train_cmd(1, one, *common, "--set", "micro_batch=8"), timeout)
     out["two_gpus_fsdp"] = _call(_train_cmd(2, two, *common, "--set", "micro_batch=4", "--parallel", "fsdp"),
                                  timeout)
@@ -323,18 +359,34 @@ def _summary(tp: list[dict]) -> dict:
         if not (one and ddp and fsdp):
             continue
         best = max(ddp["tokens_per_s"], fsdp["tokens_per_s"])
-        out[preset] = {"speedup_2gpu_best": best / one["tokens_per_s"],
+        out[preset] = {"grad_accum": one["grad_accum"], "speedup_2gpu_best": best / one["tokens_per_s"],
                        "fsdp_over_ddp_model_state": fsdp["model_state_gib_per_gpu"] / ddp["model_state_gib_per_gpu"],
+                       "fsdp_over_ddp_allocated_mid_step": (fsdp["allocated_mid_step_gib_per_gpu"]
+                                                            / ddp["allocated_mid_step_gib_per_gpu"]),
                        "peak_gib_per_gpu": {"1gpu": one["peak_gib_per_gpu"], "ddp": ddp["peak_gib_per_gpu"],
-                                            "fsdp": fsdp["peak_gib_per_gpu"]}}
+                                            "fsdp": fsdp["peak_gib_per_gpu"]},
+                       "estimated_max_params_per_80gib_gpu": {m: _max_params_estimate(r) for m, r in
+                                                               (("ddp", ddp), ("fsdp", fsdp))}}
     return out
+
+
+def _max_params_estimate(row: dict, gpu_gib: float = 80.0) -> int:
+    """Parameters that would fit one 80 GiB GPU at this preset's width and micro-batch: what the
+    measured peak holds besides model state (activations, buffers, context) is kept fixed and the
+    rest is filled at the measured model-state bytes per parameter. An estimate from one measured
+    size (the fit search, `--fit-budget-s`, measures it, at much more device time)."""
+    per_param = row["model_state_bytes"]["total"] / row["params"]
+    other = (row["peak_gib_per_gpu"] - row["model_state_gib_per_gpu"]) * 2**30
+    return int((gpu_gib * 2**30 - other) / per_param)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="directory for distributed.json + png")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=3)
+    # A 24gb step with grad_accum 8 takes ~0.85 s on one H100 (8gb: ~1.2 s): 5 timed steps are 40
+    # micro-batches per configuration and keep the whole script near 8 minutes.
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (autotuning, allocator)")
     parser.add_argument("--fit-budget-s", type=float, default=60.0, help="seconds of layer search per mode")
     parser.add_argument("--curve-steps", type=int, default=40)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -351,6 +403,10 @@ def main() -> None:
     single = _run_workers(1, job, timeout=180)
     pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s}, timeout=180 + 2 * args.fit_budget_s + 60)
     throughput = single.get("throughput", []) + pair.get("throughput", [])
+    partial = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
+               "fit": pair.get("fit", []), "loss_curves": "not run yet (the run stopped before them)"}
+    (out_dir / "distributed.json").write_text(json.dumps(partial, indent=2) + "\n")  # kept if stopped later
+    print(json.dumps(partial["summary"]), flush=True)
     with tempfile.TemporaryDirectory() as work:
         curves = _loss_curves(Path(work), args.curve_steps, timeout=240)
     result = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),

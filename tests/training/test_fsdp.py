@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 STEPS = 6
-# Global batch 4 rows: 2 ranks x micro_batch 2, or 1 process x micro_batch 4; grad_accum 2.
-COMMON = {"grad_accum": 2, "checkpoint_every": 3}
+# Global batch 4 rows: 2 ranks x micro_batch 2, or 1 process x micro_batch 4; grad_accum 2. A metrics
+# line every 2 steps and a checkpoint every 3: the step-3 checkpoint holds a half-full log window, so
+# the resume tests check that the saved window sums are the ranks' reduced ones.
+COMMON = {"grad_accum": 2, "checkpoint_every": 3, "log_every": 2}
 # What depends only on the global batch (activation statistics are of rank 0's rows; timings vary).
 _GLOBAL = ("step", "loss", "ce", "aux", "grad_norm", "lr", "eval_loss", "eval_ppl", "eval_tokens")
 

@@ -31,6 +31,10 @@ class TrainConfig:
     # "bf16": autocast on CUDA with fp32 master weights; CPU runs always compute in fp32.
     dtype: str = "bf16"
     activation_checkpointing: bool = False
+    # FSDP2 with grad_accum > 1: reduce-scatter once per step instead of after every micro-batch.
+    # Less gradient traffic, but every rank then holds the whole model's unsharded fp32 gradients
+    # between micro-batches (DDP-sized), so it is off by default: FSDP is chosen for memory.
+    fsdp_defer_reduce: bool = False
     lns: bool = False
     eval_every: int = 100
     eval_batches: int = 8

@@ -17,6 +17,12 @@ confirmed every rank's writes (and after the other files and the checksums), the
 `latest`. The directory must be on a filesystem every rank sees (one machine, or a shared
 filesystem across nodes).
 
+Failures: what rank 0 does alone (the temp directory; the other files, the rename, `latest`)
+is followed by one collective through which every rank learns whether it failed
+(`distributed.fail_together`): rank 0 raises its own error, the others a CheckpointError that
+names it, and nobody is left waiting in a barrier. DCP itself reports a failed shard write on
+every rank.
+
 State dicts come from `get_state_dict` / `set_state_dict` (keys are parameter names, tensors
 are DTensors under FSDP), so a checkpoint written by N ranks loads at any other world size,
 and in a single process without a process group (DCP reads the shards it needs).
@@ -24,6 +30,7 @@ and in a single process without a process group (DCP reads the shards it needs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -34,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,7 +58,7 @@ from muse_lm.training.checkpoint import (
     TRAIN_STATE_FILE,
     _safetensors_ready,
 )
-from muse_lm.training.distributed import DistInfo, barrier, broadcast_object
+from muse_lm.training.distributed import DistInfo, broadcast_object, fail_together
 from muse_lm.training.optim import param_groups
 
 DCP_DIR = "dcp"
@@ -78,29 +86,44 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
                             train_state: dict, keep: int, info: DistInfo) -> Path:
     """Writes `run_dir/step-NNNNNNN/` as described in the module docstring. Collective: every rank
     calls it with its own model / optimizer; only rank 0 passes meaningful `train_state` etc.
-    (the others' are ignored). Returns the final directory."""
+    (the others' are ignored). Returns the final directory.
+
+    Raises:
+        CheckpointError: on every rank but 0 when rank 0 failed its part (creating the temp
+            directory, writing the files, the rename, `latest`); rank 0 raises its own error
+            (e.g. OSError). A failure inside `dcp.save` is raised by DCP on every rank.
+    """
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(step)
     model_state, optim_state = get_state_dict(model, optimizer)
     shards = {"model": model_state, "optim": optim_state}
-    if info.is_main:
-        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        with atomic_directory(final) as tmp:
-            broadcast_object(str(tmp), info)
-            dcp.save(shards, checkpoint_id=tmp / DCP_DIR)
-            full = full_model_state(model)
-            safetensors.torch.save_file(_safetensors_ready(full), tmp / MODEL_FILE)
-            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-            (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
-            torch.save({**train_state, "optimizer": None, "sharded": True}, tmp / TRAIN_STATE_FILE)
-        update_latest(run_dir, final.name)
-        prune_checkpoints(run_dir, keep)
-    else:
-        tmp = Path(broadcast_object(None, info))
+    with contextlib.ExitStack() as on_rank0:  # holds rank 0's temp directory (removed on any error)
+        tmp = None
+        with fail_together(info, f"to create the temporary directory of checkpoint {final}"):
+            if info.is_main:
+                tmp = on_rank0.enter_context(atomic_directory(final))
+        tmp = Path(broadcast_object(None if tmp is None else str(tmp), info))
         dcp.save(shards, checkpoint_id=tmp / DCP_DIR)
-        full_model_state(model)  # the collective gather; rank 0 keeps the result
-    barrier(info)
+        full = full_model_state(model)  # collective under FSDP (all-gathers); {} on ranks other than 0
+        # The other ranks wait here until rank 0 has renamed the checkpoint into place and updated
+        # `latest` (the agreement's collective is the final barrier), and learn if it failed.
+        with fail_together(info, f"to write checkpoint {final}"):
+            if info.is_main:
+                _write_rank0_files(tmp, full, config, tokenizer_json, train_state)
+                on_rank0.close()  # checksums, fsync, atomic rename onto `final`
+                update_latest(run_dir, final.name)
+                prune_checkpoints(run_dir, keep)
     return final
+
+
+def _write_rank0_files(tmp: Path, full: dict[str, torch.Tensor], config: dict, tokenizer_json: str,
+                       train_state: dict) -> None:
+    """model.safetensors, config.json, tokenizer.json and train_state.pt into the temp directory."""
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    safetensors.torch.save_file(_safetensors_ready(full), tmp / MODEL_FILE)
+    (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+    (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    torch.save({**train_state, "optimizer": None, "sharded": True}, tmp / TRAIN_STATE_FILE)
 
 
 def load_sharded_state(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -121,11 +144,21 @@ def load_sharded_state(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer:
             # One process without a process group is a supported case here (2 -> 1 resume), not a mistake.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=ckpt_dir / DCP_DIR)
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
+        first = _first_line(err)
         raise CheckpointError(f"{ckpt_dir / DCP_DIR}: the shards do not match this model ({first}); the "
                               "checkpoint is damaged or from another model shape") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _first_line(err: BaseException) -> str:
+    """The cause of a failed `dcp.load` in one line. DCP wraps every rank's error in a
+    CheckpointException (a BaseException, whose text is a traceback); the first wrapped error
+    is the one that says what did not fit."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,

@@ -4,14 +4,16 @@ process with `--parallel none` never touches torch.distributed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from muse_lm.errors import ConfigError
+from muse_lm.errors import CheckpointError, ConfigError
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 
@@ -126,3 +128,40 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def fail_together(info: DistInfo, what: str) -> Iterator[None]:
+    """Runs a block on every rank, then makes the ranks agree on its outcome with ONE collective
+    (an all-gather of each rank's failure, None when it succeeded). A rank whose block raised
+    re-raises its own error; every other rank raises a CheckpointError naming the failed rank
+    and its error. Work that only rank 0 does (writing a checkpoint's files) is a block that is
+    empty on the other ranks.
+
+    Why: without it, an error on one rank (a full disk, a failed rename) ends that rank while the
+    others wait forever in their next collective. Nothing is hidden: every rank raises.
+
+    Args:
+        info: this process's rank / world size (one process: no collective, the block as is).
+        what: what the block does, for the other ranks' message ("to write checkpoint ...").
+
+    Example:
+        >>> with fail_together(info, f"to write checkpoint {path}"):
+        ...     if info.is_main:
+        ...         write_files(path)
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as err:  # every rank learns of it in `finally`, then it is re-raised
+        error = err
+        raise
+    finally:
+        own = None if error is None else f"{type(error).__name__}: {error}"
+        failures = gather_objects(own, info)
+        failed = [(rank, why) for rank, why in enumerate(failures) if why is not None]
+        if failed and error is None:
+            rank, why = failed[0]
+            raise CheckpointError(f"rank {rank} failed {what} ({why}); rank {info.rank} stops with it. Fix the "
+                                  f"cause that rank {rank} reports (e.g. disk space or permissions of the run "
+                                  "directory), then continue the run with --resume")

@@ -21,6 +21,13 @@ fp32 into the fp32 sharded master weights (the layers that need fp32 -- AR-SSM d
 spectral parameters -- cast to fp32 themselves). On the CPU (gloo) everything stays fp32: CPU
 runs compute in fp32 anyway (`autocast_context`), and that keeps the CPU tests exact.
 
+Gradient accumulation: by default every micro-batch's backward reduce-scatters, so gradients
+are always sharded (FSDP is chosen for memory). With `fsdp_defer_reduce` only the last backward
+reduce-scatters (`no_gradient_sync` around the others, FSDP2's counterpart of DDP's `no_sync`),
+so the gradient traffic is paid once per step, as under DDP. The price is memory: between those
+backwards every rank holds the unsharded gradients of the whole model (in the fp32 reduce dtype),
+as large as DDP's gradient buckets; parameters and AdamW state stay sharded.
+
 Activation checkpointing: the model's own per-block checkpoint (`gradient_checkpointing`, which
 wraps each block call in `torch.utils.checkpoint` inside `trunk`) is kept. It composes with
 FSDP2: in backward the block's pre-backward hook all-gathers first and the recomputed forward
@@ -29,6 +36,9 @@ state dicts and checkpoints stay the same with and without it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +89,19 @@ def apply_fsdp(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's `no_sync()`: backward passes inside keep their gradients unsharded on each rank
+    (accumulated over the passes) instead of reduce-scattering them; the next backward outside
+    reduce-scatters the sum once. `model` is the root `fully_shard` module (the setting applies
+    to every FSDP unit inside it)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` for sharded gradients: the norm over every rank's shards
     (one all-reduce, no host sync), then the same clipping on every rank. Returns the pre-clip
@@ -108,11 +131,27 @@ def average_buffers(model: nn.Module) -> None:
             buf.div_(dist.get_world_size())
 
 
-class ShardedStabilityMonitor(StabilityMonitor):
+class _RankMeanActivations(StabilityMonitor):
+    """Forward statistics (activation RMS, AR-SSM decay and state, BK features) averaged over the
+    ranks, one all-reduce per stats step (queued: no host sync). Each rank records them from its
+    own rows; averaged, the monitor's whole state is the same on every rank, so the copy rank 0
+    saves in a checkpoint is every rank's and a resume at any world size restores it. Collective:
+    the trainer takes them on every rank on the same (stats) steps."""
+
+    def take_activations(self) -> tuple[list[str], torch.Tensor | None]:
+        names, values = super().take_activations()
+        if values is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            values = values.clone()
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / dist.get_world_size()
+        return names, values
+
+
+class ShardedStabilityMonitor(_RankMeanActivations):
     """The StabilityMonitor for FSDP-sharded models: per-layer RMS from each rank's shards, summed
     over ranks with one all-reduce, so every rank sees the whole model's statistics (and picks
-    the same suspects). Collective: every rank calls it on the same steps, which the trainer
-    guarantees (all ranks take the same decisions)."""
+    the same suspects); forward statistics averaged over ranks. Collective: every rank calls it
+    on the same steps, which the trainer guarantees (all ranks take the same decisions)."""
 
     def layer_stats_tensor(self, model: nn.Module) -> tuple[list[str], torch.Tensor]:
         names, sums, counts = [], [], []
@@ -135,7 +174,7 @@ class ShardedStabilityMonitor(StabilityMonitor):
         return names, torch.stack(rows).sqrt()
 
 
-class ReplicatedStabilityMonitor(StabilityMonitor):
+class ReplicatedStabilityMonitor(_RankMeanActivations):
     """The StabilityMonitor for DDP: every rank holds the whole model, but a fault (or a bug) can
     make one rank's weights or activations differ, and then each rank would single out different
     layers, re-initialize different weights and broadcast mismatched tensors. The per-layer

@@ -34,7 +34,7 @@ from torch import nn
 
 from muse_lm.config_utils import config_from_dict, require
 from muse_lm.errors import CheckpointError
-from muse_lm.io import list_checkpoints, resolve_checkpoint_dir
+from muse_lm.io import list_checkpoints, resolve_checkpoint_dir, verify_checksums
 from muse_lm.training.stability import StabilityMonitor, Verdict, layer_groups
 
 log = logging.getLogger("muse_lm")
@@ -273,7 +273,32 @@ def load_last_good_checkpoint(run_dir: str | os.PathLike, *, map_location: str |
     """
     from muse_lm.training.checkpoint import load_checkpoint
 
-    run_dir = Path(run_dir)
+    return _first_good(Path(run_dir), lambda path: load_checkpoint(path, map_location=map_location))
+
+
+def last_good_train_state(run_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """(directory, train state on the CPU) of the checkpoint `load_last_good_checkpoint` would
+    pick, without reading the weights: every file's checksum is verified (DCP shards included)
+    and train_state.pt is read. For a rollback of a sharded run, whose ranks then each load
+    their own shards; rank 0 calls it and tells the other ranks what it chose.
+
+    Raises:
+        CheckpointError: no checkpoint of the run verifies or has a readable train_state.pt.
+    """
+    from muse_lm.training.checkpoint import TRAIN_STATE_FILE, _load_train_state
+
+    def read(path: Path) -> tuple[Path, dict]:
+        verify_checksums(path)
+        if not (path / TRAIN_STATE_FILE).is_file():
+            raise CheckpointError(f"{path} has no {TRAIN_STATE_FILE} (it was not written by training)")
+        return path, _load_train_state(path / TRAIN_STATE_FILE, "cpu")
+
+    return _first_good(Path(run_dir), read)
+
+
+def _first_good(run_dir: Path, load: Callable[[Path], Any]) -> Any:
+    """`load(path)` of the first checkpoint of `run_dir` that `load` accepts (no CheckpointError):
+    the one `latest` names, then the `step-*` folders newest first, each skip warned about."""
     candidates: list[Path] = []
     try:
         candidates.append(resolve_checkpoint_dir(run_dir))
@@ -283,13 +308,13 @@ def load_last_good_checkpoint(run_dir: str | os.PathLike, *, map_location: str |
     failures = []
     for path in candidates:
         try:
-            ckpt = load_checkpoint(path, map_location=map_location)
+            loaded = load(path)
         except CheckpointError as err:
             failures.append(str(err))
             log.warning("muse: warning: skipping checkpoint %s: %s; trying the previous one", path.name, err)
             continue
         if failures:
             log.warning("muse: warning: using checkpoint %s (the newer ones are damaged)", path)
-        return ckpt
+        return loaded
     raise CheckpointError(f"{run_dir} has no loadable checkpoint ({'; '.join(failures) or 'none found'}); "
                           "start a new run, or restore the run directory from a backup")

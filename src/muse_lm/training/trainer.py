@@ -11,7 +11,12 @@ read once per `log_every` steps.
 Several processes (`parallel="ddp"` or `"fsdp"`, docs/distributed.md): each rank's health flag
 (its own loss not finite or above the trend's limit) is summed over ranks together with the
 loss, in the one all-reduce the step already made for the mean loss, so every rank takes the
-same decision on the same step; checkpoints are sharded (`muse_lm.training.dcp`).
+same decision on the same step; checkpoints are sharded (`muse_lm.training.dcp`). DDP reduces
+gradients once per step, on its last micro-batch (`no_sync` before it); FSDP2 reduce-scatters
+after every micro-batch unless `fsdp_defer_reduce` (`no_gradient_sync`). What one rank must
+decide for all (the checkpoint a rollback loads) rank 0 decides and broadcasts; what rank 0 does
+alone (writing files) ends in one collective through which every rank learns whether it failed
+(`distributed.fail_together`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from muse_lm.errors import CheckpointError
 from muse_lm.io import list_checkpoints
 from muse_lm.training import fsdp
-from muse_lm.training.checkpoint import Checkpoint, save_checkpoint
+from muse_lm.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import PackedBatches, heldout_batches
 from muse_lm.training.dcp import is_sharded_checkpoint, load_full_state, load_sharded_state, save_sharded_checkpoint
@@ -37,7 +42,8 @@ from muse_lm.training.distributed import (
     DistInfo,
     all_reduce_sum,
     any_rank_flag,
-    barrier,
+    broadcast_object,
+    fail_together,
     gather_objects,
     resolve_parallel,
 )
@@ -56,7 +62,7 @@ from muse_lm.training.recovery import (
     SnapshotKeeper,
     TrainingStopped,
     capture_state,
-    load_last_good_checkpoint,
+    last_good_train_state,
     reinit_layers,
     restore_state,
 )
@@ -192,18 +198,30 @@ class Trainer:
             "world_size": self.dist.world_size,
             "elapsed_s": self.elapsed_s,
             "evals": dict(self.evals),
-            "log_window": {"sums": self._window_sums.detach().cpu(), "steps": float(self._window_applied)},
+            "log_window": self._log_window_state(),
             "data_offset": self.data_offset,
             "stability": self.monitor.state_dict(),
             "recovery": self.policy.state_dict(),
             "faults_fired": self.faults.state_dict(),
         }
 
+    def _log_window_state(self) -> dict:
+        """The metrics window in progress, for a checkpoint (collective). Each rank sums its own
+        rows' losses; "sums" is their mean over the ranks, what one process training the same
+        global batch would hold, and what every rank restores at another world size (the
+        all-reduce in `_log` then yields the same means). "rank_sums" lets each rank restore
+        exactly its own at the same world size (bit-exact resume)."""
+        local = self._window_sums.detach()
+        mean = all_reduce_sum(local.clone(), self.dist) / self.dist.world_size
+        return {"sums": mean.cpu(), "rank_sums": gather_objects(local.cpu(), self.dist),
+                "steps": float(self._window_applied)}
+
     def load_state(self, ckpt: Checkpoint) -> None:
         """Restores weights, optimizer, scheduler, RNG and counters from a checkpoint, so that the
         next step is exactly the one an uninterrupted run would take."""
         state = ckpt.train_state
-        self._load_weights_and_optimizer(ckpt)
+        self._load_weights_and_optimizer(ckpt.path, is_sharded_checkpoint(ckpt.path), ckpt.model_state,
+                                         state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows this run's config (its --steps may be longer than before);
         # lr = base * factor(step) is computed exactly as LambdaLR does, so an unchanged config
@@ -225,7 +243,9 @@ class Trainer:
             log.warning("resuming %d-process run state on %d processes: random streams restart from "
                         "the seed", len(rngs), self.dist.world_size)
         window = state["log_window"]
-        self._window_sums = window["sums"].to(self.device)
+        rank_sums = window.get("rank_sums")  # absent in checkpoints written before it existed
+        same_ranks = rank_sums is not None and len(rank_sums) == self.dist.world_size
+        self._window_sums = (rank_sums[self.dist.rank] if same_ranks else window["sums"]).to(self.device)
         self._window_applied = torch.tensor(float(window["steps"]), device=self.device)
         self.latest_checkpoint = ckpt.path
         # Checkpoints written before the stability ladder existed lack these keys.
@@ -236,17 +256,18 @@ class Trainer:
             self.policy.load_state_dict(state["recovery"])
         self.faults.load_state_dict(state.get("faults_fired", []))
 
-    def _load_weights_and_optimizer(self, ckpt: Checkpoint) -> None:
-        """From the DCP shards when the checkpoint has them (any world size, resharded), else
-        from model.safetensors + train_state.pt (sharded over the ranks under fsdp)."""
-        if is_sharded_checkpoint(ckpt.path):
-            load_sharded_state(ckpt.path, self.model, self.optimizer)
+    def _load_weights_and_optimizer(self, path: Path, sharded: bool, model_state: dict | None,
+                                    optimizer_state: dict | None) -> None:
+        """From the DCP shards of `path` when `sharded` (any world size, resharded: each rank reads
+        its own; `model_state` / `optimizer_state` unused), else from the full `model_state` +
+        `optimizer_state` (sharded over the ranks under fsdp)."""
+        if sharded:
+            load_sharded_state(path, self.model, self.optimizer)
         elif self.parallel == "fsdp":
-            load_full_state(self.model, self.optimizer, ckpt.model_state, ckpt.train_state["optimizer"],
-                            self.cfg.weight_decay)
+            load_full_state(self.model, self.optimizer, model_state, optimizer_state, self.cfg.weight_decay)
         else:
-            self.model.load_state_dict(ckpt.model_state)
-            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
 
     # ---- one step ------------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
@@ -268,10 +289,7 @@ class Trainer:
                 x, y, scale = self.faults.corrupt_batch(step, x, y, self._vocab)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            # DDP: all-reduce gradients only on the last micro-batch of the step. (FSDP2
-            # reduce-scatters every micro-batch: skipping it would keep unsharded gradients.)
-            sync = self.parallel != "ddp" or micro == accum - 1
-            with (contextlib.nullcontext() if sync else self.engine.no_sync()):
+            with self._grad_sync(last_micro=micro == accum - 1):
                 with autocast_context(self.device, self.cfg.dtype):
                     loss, ce, aux = self.engine(x, y, return_parts=True)
                 if scale != 1.0:
@@ -301,6 +319,19 @@ class Trainer:
         else:
             self._judge_later(step, mean_loss, grad_norm, step_sums, limits, rank_flag)
         return grad_norm
+
+    def _grad_sync(self, last_micro: bool):
+        """Context of one micro-batch's forward + backward: gradients are reduced over the ranks
+        on the step's last micro-batch only, once per step whatever `grad_accum` is. DDP:
+        `no_sync()` before it. FSDP2 reduce-scatters after every micro-batch (gradients stay
+        sharded), unless `fsdp_defer_reduce`: then `fsdp.no_gradient_sync` before the last (each
+        rank accumulates unsharded gradients, the last backward reduce-scatters their sum; see
+        fsdp.py for the memory this holds)."""
+        if last_micro or self.parallel == "none" or (self.parallel == "fsdp" and not self.cfg.fsdp_defer_reduce):
+            return contextlib.nullcontext()
+        if self.parallel == "ddp":
+            return self.engine.no_sync()
+        return fsdp.no_gradient_sync(self.model)
 
     def _observe_all_ranks(self, step: int, mean_loss: torch.Tensor, grad_norm: torch.Tensor,
                            rank_flag: torch.Tensor):
@@ -443,17 +474,44 @@ class Trainer:
                 f"the last good checkpoint is {where}; see {self.run_dir / EVENTS_FILE}. Try a lower --set lr=... "
                 "or grad_clip, or check the data")
 
-    def _rollback_checkpoint(self, now: int):
-        """The newest loadable checkpoint at or before step `now` (None if there is none)."""
+    def _rollback_choice(self, now: int) -> dict | None:
+        """The checkpoint every rank rolls back to: rank 0 picks it and broadcasts
+        `{"path", "sharded", "train_state"}` (the train state without optimizer state), or None.
+        Ranks that looked for themselves could pick different ones (a file-system race, a stale
+        view of a network mount) and then load different steps or wait in different collectives."""
+        choice = None
+        with fail_together(self.dist, "to pick the checkpoint to roll back to"):
+            if self.dist.is_main:
+                choice = self._pick_rollback_checkpoint(now)
+        return broadcast_object(choice, self.dist)
+
+    def _pick_rollback_checkpoint(self, now: int) -> dict | None:
+        """(rank 0) The newest verified checkpoint at or before step `now`, or None. Its weights
+        are not read here: each rank loads what it needs afterwards."""
         if not list_checkpoints(self.run_dir):
             return None
         try:
-            ckpt = load_last_good_checkpoint(self.run_dir, map_location=self.device)
+            path, state = last_good_train_state(self.run_dir)
         except CheckpointError as err:
             log.warning("muse: warning: rollback impossible: %s", err)
             return None
         # A checkpoint from before an earlier rollback can lie ahead of the replayed steps.
-        return ckpt if int(ckpt.train_state["step"]) <= now else None
+        if int(state["step"]) > now:
+            return None
+        state = {key: value for key, value in state.items() if key != "optimizer"}
+        return {"path": str(path), "sharded": is_sharded_checkpoint(path), "train_state": state}
+
+    def _load_rollback_weights(self, path: Path, sharded: bool) -> None:
+        """A sharded checkpoint: each rank reads its own shards (never the full weights on every
+        GPU). A single-process one (the checkpoint a 1 -> N resume started from): every rank
+        reads it into CPU memory, then keeps its part; a failed read on any rank stops all."""
+        if sharded:
+            self._load_weights_and_optimizer(path, True, None, None)
+            return
+        ckpt = None
+        with fail_together(self.dist, f"to read checkpoint {path} for a rollback"):
+            ckpt = load_checkpoint(path, map_location="cpu")
+        self._load_weights_and_optimizer(path, False, ckpt.model_state, ckpt.train_state["optimizer"])
 
     def _rollback(self, decision: Decision) -> None:
         """Back to the last confirmed snapshot (else the last loadable checkpoint), skipping the
@@ -465,18 +523,18 @@ class Trainer:
             restore_rng(state["rng"], self.device)
             target, source = int(state["step"]), "in-memory snapshot"
         else:
-            barrier(self.dist)
-            ckpt = self._rollback_checkpoint(now)
-            if ckpt is None:
+            choice = self._rollback_choice(now)
+            if choice is None:
                 self.policy.record(decision.step, "rollback", f"{decision.reason}; no good state to roll "
                                    "back to yet (no confirmed snapshot or usable checkpoint): update skipped")
                 return
-            self._load_weights_and_optimizer(ckpt)
-            self.scheduler.load_state_dict(ckpt.train_state["scheduler"])
-            rngs = ckpt.train_state["rng"]
+            path, state = Path(choice["path"]), choice["train_state"]
+            self._load_rollback_weights(path, choice["sharded"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            rngs = state["rng"]
             if len(rngs) == self.dist.world_size:
                 restore_rng(rngs[self.dist.rank], self.device)
-            target, source = int(ckpt.train_state["step"]), f"checkpoint {ckpt.path.name}"
+            target, source = int(state["step"]), f"checkpoint {path.name}"
         self.data_offset += now - target
         self.step = target
         self.snapshots.pending = None
@@ -615,15 +673,16 @@ class Trainer:
                 progress.message(f"step {self.step}: checkpoint {path} (sharded)")
             self.latest_checkpoint = path
             return path
-        barrier(self.dist)
+        # --parallel none runs in one process (resolve_parallel refuses several), so the agreement
+        # below costs nothing; it keeps this path safe should that ever change.
         path = self.run_dir / f"step-{self.step:07d}"
-        if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step, model_state=self.model.state_dict(),
-                                   config=self.run_config, tokenizer_json=self.tokenizer_json,
-                                   train_state=state, keep=self.cfg.keep_checkpoints)
-            if progress is not None:
-                progress.message(f"step {self.step}: checkpoint {path}")
-        barrier(self.dist)
+        with fail_together(self.dist, f"to write checkpoint {path}"):
+            if self.dist.is_main:
+                path = save_checkpoint(self.run_dir, self.step, model_state=self.model.state_dict(),
+                                       config=self.run_config, tokenizer_json=self.tokenizer_json,
+                                       train_state=state, keep=self.cfg.keep_checkpoints)
+                if progress is not None:
+                    progress.message(f"step {self.step}: checkpoint {path}")
         self.latest_checkpoint = path
         return path
 
