@@ -1,4 +1,5 @@
-"""HTT benchmark, part (1): embedding lookup forward + backward.
+"""HTT benchmark, parts (1) embedding lookup forward + backward and (2) tied head + loss
+(`htt_head_part.py`); part (3), memory, is `bench_htt_memory.py`.
 
 V 50257, D 1024, 32768 tokens, bf16, TT rank 16, 2 cores: the fused Triton kernel vs the torch
 reference (gather + bmm) vs nn.Embedding, measured in the same run (`do_bench` medians).
@@ -61,6 +62,11 @@ def _graphed(step):
     return graph.replay
 
 
+def _write(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "htt.json"))
@@ -68,7 +74,19 @@ def main() -> None:
     parser.add_argument("--segment-grid", action="store_true",
                         help="with --sweep: time a grid of sorted-backward launch shapes")
     parser.add_argument("--profile", action="store_true", help="print the kernels of one triton fwd+bwd")
+    parser.add_argument("--parts", default="lookup,head", help="comma list of: lookup, head")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    head = None
+    if "head" in parts:
+        from htt_head_part import run_head_part  # benchmarks/ is on sys.path when run as a script
+
+        head = run_head_part()
+        print(json.dumps(head, indent=1), flush=True)
+    if "lookup" not in parts:
+        _write(args.out, {"part": "htt", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                          "triton": triton.__version__, "commit": git_commit(), "head": head})
+        return
     torch.manual_seed(0)
     dev, dtype = "cuda", torch.bfloat16
     htt = HTTEmbedding(V, D, rank=RANK, num_cores=CORES).to(dev, dtype)
@@ -147,9 +165,9 @@ def main() -> None:
         "triton_over_nn_embedding_fwd_bwd": ratio,
         "triton_over_nn_embedding_fwd_bwd_graphed": graph_ratio,
         "target_ratio": 0.3,
+        "head": head,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    _write(args.out, report)
     print(f"{report['gpu']}  torch {report['torch']}  triton {report['triton']}  commit {report['commit']}")
     print(f"params: htt {htt.num_parameters():,}  dense {dense.weight.numel():,}")
     print(f"{'impl':<24}{'fwd ms':>10}{'fwd+bwd ms':>12}{'bwd ms':>10}")

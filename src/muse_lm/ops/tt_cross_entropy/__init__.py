@@ -3,9 +3,11 @@
 `tt_linear_cross_entropy` (tied TT head), `linear_cross_entropy` (dense head) and
 `tt_logits` (blocked logits for generation). validate -> dispatch (`impl`) -> kernel or reference.
 
-Triton kernels: `triton_tt.py` (TT head, K = 2 cores) and `triton_dense.py` (dense head), for
-fp32 / bf16 / fp16 inputs; fp64 inputs and K = 3 heads run the pure-torch reference
-(`reference.py`) on every device, and asking for impl="triton" there is an error.
+Triton kernels: `triton_dense.py` (dense head) and, for the TT head, `triton_tt_chunked.py` (the
+table rebuilt one vocab chunk at a time and streamed by the dense kernels; any K; the default) and
+`triton_tt.py` (fully fused K = 2 kernels with a deterministic mode, reached directly), for fp32 /
+bf16 / fp16 inputs; fp64 inputs run the pure-torch reference (`reference.py`) on every device,
+and asking for impl="triton" there is an error.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def tt_linear_cross_entropy(
         vocab_size: V <= prod v_k.
         block_size: vocab rows per block of the torch reference (the kernels choose their own tiles).
         impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`): None runs the
-            fused Triton kernel on CUDA (K = 2, non-fp64), the reference otherwise.
+            Triton kernels on CUDA (non-fp64: the table rebuilt per vocab chunk and streamed by the
+            dense fused kernels, `triton_tt_chunked.py`), the reference otherwise.
 
     Example:
         >>> cores = [torch.randn(7, 1, 3, 4), torch.randn(5, 4, 4, 1)]
@@ -142,12 +145,14 @@ def tt_linear_cross_entropy(
     _check_h(h, math.prod(width_factors), cores[0].device, op)
     _check_loss_args(h, targets, vocab_size, ignore_index, reduction, z_loss, op)
     _check_block_size(block_size, op)
-    kernel = len(cores) == 2 and not _has_fp64(h, *cores)
+    kernel = not _has_fp64(h, *cores)
     if resolve_impl(op, impl, h, targets, *cores, has_triton_kernel=kernel) == "triton":
-        from muse_lm.ops.tt_cross_entropy.triton_tt import tt_linear_cross_entropy_triton  # Triton is optional
+        # Triton is optional. The chunked head (dense kernels over rebuilt vocab chunks) is the fast
+        # one; `triton_tt.py` keeps the fully fused, deterministic-capable K = 2 kernels.
+        from muse_lm.ops.tt_cross_entropy.triton_tt_chunked import tt_linear_cross_entropy_chunked
 
         h, *cores = _autocast(h, *cores)
-        loss = tt_linear_cross_entropy_triton(
+        loss = tt_linear_cross_entropy_chunked(
             h.reshape(-1, h.shape[-1]), cores, targets.reshape(-1), vocab_size=vocab_size,
             ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
         return loss.reshape(targets.shape) if reduction == "none" else loss

@@ -196,7 +196,10 @@ def _lce_fwd_kernel(
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, BM, BV, BK, DOT_F32)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
-        tgt += tl.sum(tl.where(cols[None, :] == t[:, None], acc, 0.0), axis=1)
+        # col_ok too: a target at or past V (the chunked TT head shifts targets of later chunks
+        # there) must not pick the -inf of a block wholly past V that ends the last split.
+        hit = (cols[None, :] == t[:, None]) & col_ok[None, :]
+        tgt += tl.sum(tl.where(hit, acc, 0.0), axis=1)
         m_new = tl.maximum(m_run, tl.max(acc, axis=1))
         # The last split may end in blocks wholly past V (all -inf): keep exp() away from -inf - -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -329,12 +332,23 @@ def lce_forward(
     h `[N, D]`, weight `[V, D]`, targets `[N]` int (ignored ones may hold any value: their target
     logit is meaningless and must be masked by the caller). `split_v` overrides the vocab splits.
     """
+    if h.shape[0] == 0:
+        empty = torch.zeros(0, device=h.device, dtype=torch.float32)
+        return empty, empty.clone()
+    m, s, tgt = lce_forward_partials(h, weight, targets, config, split_v=split_v)
+    return combine_lse_partials(m, s), tgt.sum(dim=0)
+
+
+def lce_forward_partials(
+    h: Tensor, weight: Tensor, targets: Tensor, config: LCEConfig | None = None, *, split_v: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel's per-split partials, each `[splits, N]` fp32: running max m, sum of
+    exp(logit - m), and the target logit (0 in splits that do not hold the target). N >= 1.
+    `combine_lse_partials(m, s)` and `tgt.sum(0)` finish them; the chunked TT head concatenates
+    the partials of all its vocab chunks and finishes once."""
     h, weight, targets = h.contiguous(), weight.contiguous(), targets.contiguous()
     n, d = h.shape
     v = weight.shape[0]
-    if n == 0:
-        empty = torch.zeros(0, device=h.device, dtype=torch.float32)
-        return empty, empty.clone()
     dot_f32 = _dot_f32(h, weight)
     cfg = _resolve_config(config, h, dot_f32)
     n_m = triton.cdiv(n, cfg.block_m)
@@ -361,7 +375,7 @@ def lce_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return combine_lse_partials(m, s), tgt.sum(dim=0)
+    return m, s, tgt
 
 
 def _dw_chunk_rows(v: int, d: int, block_v: int) -> int:
@@ -435,6 +449,59 @@ def _finish_dh(a: Tensor, b: Tensor, n: int, d: int, dtype: torch.dtype) -> Tens
     return out[: n * d].view(n, d)
 
 
+def launch_backward(
+    h: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    token_grad: Tensor,
+    dh: tuple[Tensor, Tensor, int],
+    dw: Tensor,
+    vocab_range: tuple[int, int],
+    cfg: LCEConfig,
+    *,
+    need_h: bool,
+    need_w: bool,
+) -> None:
+    """One `_lce_bwd_kernel` launch over vocab rows [start, stop) of `weight` (all contiguous).
+
+    Adds this range's dL/dh into the fp32 accumulators `dh` = (a, b, rows_a) of `_dh_accumulators`
+    and its dL/dW into the fp32 `dw` (row 0 = vocab row `start`). coef = token_grad (1 + 2 z lse).
+    Used by `lce_backward` and by the chunked TT head (`triton_tt_chunked`), which calls it once
+    per rebuilt chunk of the table with shared dh accumulators.
+    """
+    n, d = h.shape
+    start, stop = vocab_range
+    dh_a, dh_b, rows_a = dh
+    grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(stop - start, cfg.block_v),)
+    _lce_bwd_kernel[grid](
+        h,
+        weight,
+        targets,
+        lse,
+        coef,
+        token_grad,
+        dh_a,
+        dh_b,
+        dw,
+        n,
+        rows_a,
+        start,
+        stop,
+        D=d,
+        BM=cfg.block_m,
+        BV=cfg.block_v,
+        BK=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        DOT_F32=_dot_f32(h, weight),
+        COMPUTE_DH=need_h,
+        COMPUTE_DW=need_w,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
 def lce_backward(
     h: Tensor,
     weight: Tensor,
@@ -488,32 +555,8 @@ def lce_backward(
             buf = torch.zeros(rows, d, device=h.device, dtype=torch.float32)
         else:
             buf = coef  # unused: dW is not computed
-        grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(rows, cfg.block_v),)
-        _lce_bwd_kernel[grid](
-            h,
-            weight,
-            targets,
-            lse,
-            coef,
-            token_grad,
-            dh_a,
-            dh_b,
-            buf,
-            n,
-            rows_a,
-            start,
-            stop,
-            D=d,
-            BM=cfg.block_m,
-            BV=cfg.block_v,
-            BK=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            DOT_F32=dot_f32,
-            COMPUTE_DH=need_h,
-            COMPUTE_DW=need_w,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        launch_backward(h, weight, targets, lse, coef, token_grad, (dh_a, dh_b, rows_a), buf, (start, stop), cfg,
+                        need_h=need_h, need_w=need_w)
         if where == "in_place":
             _narrow_in_place(buf.view(-1), flat[start * d : stop * d])
         elif where == "separate":
