@@ -15,6 +15,13 @@ is recorded as OOM, and the decode then starts from the batch-1 prompt's state o
 all 32 rows (a decode step's cost does not depend on what the state holds); a KV cache that does not
 fit is recorded as OOM. Results are written after every cell, so a stopped run keeps what it measured.
 
+Once per variant, at the smallest context, batch 4: `greedy_vs_full`, 64 greedy tokens from the
+captured step (eager on the CPU) compared with the argmax of one full forward over prompt + those
+tokens (`decode_graph.greedy_vs_full`: positions compared, positions that differ, the largest logit
+gap at those, alone and over |argmax logit| and over the logit std, the mean logit std for scale).
+In bf16 the two paths round differently, so they may pick different tokens where the full forward
+nearly ties; random-init logits are nearly flat (std ~0.5 here), so such near-ties are common.
+
     PYTHONPATH=src python benchmarks/bench_generate.py --out DIR        # writes DIR/generate.json
     PYTHONPATH=src python benchmarks/bench_generate.py --device cpu --preset tiny --contexts 64 \\
         --batches 1,2 --new-tokens 4 --out /tmp/x                       # a CPU smoke run (no graphs)
@@ -37,11 +44,12 @@ from muse_lm.bench_quality import matched_transformer_config
 from muse_lm.io import write_text_atomic
 from muse_lm.models import MuseLM, TransformerLM
 from muse_lm.models.batched_state import States, cat_states, decode_step, prefill
-from muse_lm.models.decode_graph import KVCacheDecoder, MuseDecoder, state_nbytes
+from muse_lm.models.decode_graph import KVCacheDecoder, MuseDecoder, greedy_vs_full, state_nbytes
 from muse_lm.presets import get_preset
 from muse_lm.provenance import git_commit
 
 WARMUP_TOKENS = 4  # decode steps before each timed run (first-call allocations, caches)
+GREEDY_CHECK = {"batch": 4, "new_tokens": 64}  # the greedy_vs_full measurement, at the smallest context
 ATTENTION = ("SDPA: eager over exactly the valid prefix (no mask, flash-eligible); the captured step over "
              "the whole static cache with a boolean mask (fixed shapes)")
 
@@ -291,6 +299,31 @@ def _first_divergence(tokens: dict) -> int | None | str:
     return int(diff[0]) if diff.numel() else None
 
 
+# ---- greedy tokens against full recomputation ---------------------------------------------------
+def greedy_check(model, decoder: MuseDecoder | None, ids: torch.Tensor, n: int, device: torch.device) -> dict:
+    """n greedy tokens for ids [B, T] from the captured step (or eager without CUDA), against the
+    argmax of one full forward over ids + tokens (`decode_graph.greedy_vs_full`)."""
+    if isinstance(model, MuseLM):
+        logits, states = prefill(model, ids)
+        if decoder is not None:
+            decoder.load(states)
+            step, mode = decoder.step, "graph"
+        else:
+            step, mode = _eager_muse_step(model, states), "eager"
+    else:
+        dec = KVCacheDecoder(model, ids.shape[0], ids.shape[1] + n, cuda_graph=device.type == "cuda")
+        logits, step, mode = dec.prefill(ids), dec.step, "graph" if dec.cuda_graph else "eager"
+    tokens = []
+    for i in range(n):
+        tokens.append(logits.argmax(-1))
+        if i + 1 < n:  # the last token needs no step after it (and a full KV cache takes none)
+            logits = step(tokens[-1])
+    tokens = torch.stack(tokens, 1)
+    full = model(torch.cat([ids, tokens], 1))[:, ids.shape[1] - 1: -1]
+    return {"context": ids.shape[1], "batch": ids.shape[0], "new_tokens": n, "decode": mode,
+            **greedy_vs_full(full, tokens)}
+
+
 # ---- the run -------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
@@ -310,6 +343,13 @@ def run_variant(name: str, model, args: argparse.Namespace, device: torch.device
     if isinstance(model, MuseLM) and device.type == "cuda":
         decoder = MuseDecoder(model, cuda_graph=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if time.perf_counter() < deadline:
+        ids = torch.randint(0, model.config.vocab_size, (GREEDY_CHECK["batch"], min(args.contexts)), device=device,
+                            generator=gen)
+        report["greedy_vs_full"][name] = greedy_check(model, decoder, ids, GREEDY_CHECK["new_tokens"], device)
+        del ids
+        _free(device)
+        print(f"{name} greedy_vs_full: {json.dumps(report['greedy_vs_full'][name])}", flush=True)
     for context in args.contexts:
         for batch in args.batches:
             key = results.setdefault(str(context), {})
@@ -370,7 +410,14 @@ def main(argv: list[str] | None = None) -> None:
               "greedy_first_divergence": "first timed step at which graph and eager greedy tokens differ in any row "
                                          "(null: never); random-init bf16 logits are nearly flat, so near-ties "
                                          "(different but equally valid kernels) show up early",
-              "results": {}}
+              "greedy_vs_full_how": f"once per variant at the smallest context, batch {GREEDY_CHECK['batch']}, "
+                                    f"{GREEDY_CHECK['new_tokens']} greedy tokens from the captured step (eager on the "
+                                    "CPU) against the argmax of a full forward over prompt + tokens: positions "
+                                    "compared, positions that differ (token not a full-forward argmax), the largest "
+                                    "full-forward logit gap (argmax minus token) at those, that gap over |argmax "
+                                    "logit| (bf16 rounds to <= |x|/128 there) and over the position's logit std, "
+                                    "and the mean logit std for scale",
+              "greedy_vs_full": {}, "results": {}}
 
     def save() -> None:
         report["elapsed_s"] = time.perf_counter() - start

@@ -16,6 +16,7 @@ from muse_lm.models.decode_graph import (
     MuseDecoder,
     _DecoderSlot,
     bucket_size,
+    greedy_vs_full,
     release_decoder,
     resolve_cuda_graph,
     state_nbytes,
@@ -186,6 +187,25 @@ def test_weights_signature_changes_with_pruning_and_copies_of_a_model_drop_its_d
     assert weights_signature(model) != before  # a cached decoder would be rebuilt
     model.set_gate_mode("ste")
     assert weights_signature(model)[1] == ("ste", "ste")
+
+
+def test_greedy_vs_full_counts_disagreements_and_their_logit_gaps():
+    model = muse()
+    prompt = torch.randint(0, 97, (3, 7))
+    out = model.generate(prompt, 10, temperature=0, cuda_graph=False)
+    with torch.no_grad():
+        full = model(out)[:, 6:-1]
+    same = greedy_vs_full(full, out[:, 7:])  # fp32: the decode path picks the full forward's argmax
+    assert (same["positions"], same["differ"], same["max_gap"], same["max_gap_over_std"]) == (30, 0, 0.0, 0.0)
+    assert same["max_gap_over_top"] == 0.0
+    assert same["logit_std"] == pytest.approx(full.std(-1).mean().item())
+    logits = torch.tensor([[[3.0, 1.0, 1.0, -1.0], [0.0, 2.0, 2.0, 0.0]]])  # std 1.633 at both positions
+    got = greedy_vs_full(logits, torch.tensor([[1, 2]]))  # 2 below the argmax; an exact tie is agreement
+    assert (got["positions"], got["differ"], got["max_gap"]) == (2, 1, 2.0)
+    assert got["max_gap_over_std"] == pytest.approx(2.0 / logits[0, 0].std().item())
+    assert got["max_gap_over_top"] == pytest.approx(2.0 / 3.0)
+    with pytest.raises(ValueError, match=r"\[B, n, V\]"):
+        greedy_vs_full(logits[0], torch.tensor([1, 2]))
 
 
 def test_kv_cache_prefill_and_decode_equal_the_full_forward():

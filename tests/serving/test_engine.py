@@ -1,4 +1,5 @@
-"""The batching engine, driven step by step (no thread, no HTTP), and its text/sampling helpers."""
+"""The batching engine, driven step by step (no thread, no HTTP), and its text/sampling helpers; the
+static-buffer decoder path (what CUDA graphs replay) against the eager path on the CPU."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ class Collector:
         return self.events[-1]
 
 
-def make_engine(tiny, eos=None, **limits) -> Engine:
-    return Engine(tiny.model, tiny.tokenizer, eos_token_id=eos, limits=ServeLimits(**limits))
+def make_engine(tiny, eos=None, cuda_graph=None, **limits) -> Engine:
+    return Engine(tiny.model, tiny.tokenizer, eos_token_id=eos, limits=ServeLimits(**limits), cuda_graph=cuda_graph)
 
 
 def run_all(engine: Engine, jobs: list[tuple[int, list[int], SamplingParams]]) -> list[Collector]:
@@ -91,6 +92,58 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_checkpoint):
     reseeded = run_all(engine, [(0, ids, SamplingParams(**{**params.__dict__, "seed": 8}))])[0].text
     assert alone == batched
     assert reseeded != alone
+
+
+def run_tracked(engine: Engine, jobs, cancel_at: dict[int, int]) -> tuple[list[Collector], list[tuple[int, ...]]]:
+    """`run_all`, also cancelling job j before step cancel_at[j]; returns the collectors and, per step
+    that decoded, the batch it decoded (request ids in row order)."""
+    collectors = [Collector() for _ in jobs]
+    handles, batches, step = {}, [], 0
+    while True:
+        for j, ((at, ids, params), col) in enumerate(zip(jobs, collectors)):
+            if at == step:
+                handles[j] = engine.submit(ids, params, col)
+            if cancel_at.get(j) == step:
+                handles[j].cancel()
+        if not engine.step() and step > max(at for at, _, _ in jobs):
+            break
+        if engine._running:
+            batches.append(tuple(seq.request.id for seq in engine._running))
+        step += 1
+    assert all(c.done for c in collectors)
+    return collectors, batches
+
+
+def test_static_decoder_path_gives_the_eager_outputs_as_requests_join_and_leave(tiny_checkpoint):
+    """cuda_graph=False: the MuseDecoder that CUDA graphs replay, stepped eagerly (padded buckets,
+    state loaded only when the batch changes) gives every request exactly the eager path's events."""
+    tiny = tiny_checkpoint
+    eager, static = make_engine(tiny, max_batch_size=4), make_engine(tiny, max_batch_size=4, cuda_graph=False)
+    assert (eager.decode_mode, static.decode_mode) == ("eager", "static")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        make_engine(tiny, cuda_graph=True)
+    p = [eager.encode(text) for text in PROMPTS]
+    sampled = dict(temperature=0.9, top_k=40, top_p=0.95)
+    jobs = [(0, p[0], SamplingParams(max_tokens=20, **GREEDY)),
+            (0, p[1], SamplingParams(max_tokens=9, seed=3, **sampled)),
+            (2, p[2], SamplingParams(max_tokens=6, repetition_penalty=1.3, **GREEDY)),
+            (4, p[3], SamplingParams(max_tokens=14, seed=5, repetition_penalty=1.2, **sampled)),
+            (4, p[0], SamplingParams(max_tokens=3, seed=1, temperature=1.0)),  # queued: the batch is full
+            (5, p[1], SamplingParams(max_tokens=30, seed=2, temperature=0.7)),  # cancelled while running
+            (11, p[2], SamplingParams(max_tokens=7, **GREEDY))]
+    cancel = {5: 12}
+    loads = []
+    decoder_load = static._decoder.load
+    static._decoder.load = lambda states: (loads.append(len(states[0].ssm.ssm)), decoder_load(states))
+    want, eager_batches = run_tracked(eager, jobs, cancel)
+    got, batches = run_tracked(static, jobs, cancel)
+    assert [c.events for c in got] == [c.events for c in want]
+    assert [c.last.finish_reason for c in got] == ["length"] * 5 + ["cancelled", "length"]
+    assert batches == eager_batches and max(map(len, batches)) == 4
+    # The state goes into the decoder once per batch composition, not once per step.
+    changes = [b for i, b in enumerate(batches) if i == 0 or b != batches[i - 1]]
+    assert loads == [len(b) for b in changes] and len(loads) < len(batches)
+    assert set(static._decoder.captured) == {1, 2, 4}  # 3 rows ran padded to the bucket of 4
 
 
 def test_eos_stop_strings_and_max_tokens_end_a_request(tiny_checkpoint):

@@ -114,6 +114,36 @@ def static_decode_step(model: MuseLM, ids: torch.Tensor, states: States) -> torc
     return model.head_logits(h[:, 0])
 
 
+def greedy_vs_full(full_logits: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """How greedy tokens from a decode path agree with a full forward over the same sequence.
+
+    full_logits [B, n, V]: the full forward's logits at the n positions that predicted tokens [B, n]
+    (for a prompt of length T0: positions T0-1 .. T0+n-2 of the forward over prompt + tokens).
+    Returns {"positions", "differ", "max_gap", "max_gap_over_top", "max_gap_over_std", "logit_std"}:
+    positions compared; positions whose token is not the full forward's argmax; among those, the
+    largest logit gap (full forward's argmax logit minus the token's logit), the largest gap over
+    |argmax logit| (the scale of bf16 rounding there: 8 significant bits, a grid of <= |x|/128) and
+    the largest gap over that position's logit std (all 0.0 when none differ); the mean over positions
+    of the logit std over the vocabulary, for scale. A decode path in low precision may pick a
+    different token only where the full forward nearly ties.
+    """
+    if full_logits.dim() != 3 or tokens.shape != full_logits.shape[:2]:
+        raise ValueError(f"full_logits must be [B, n, V] and tokens [B, n]; got {tuple(full_logits.shape)} and "
+                         f"{tuple(tokens.shape)}")
+    logits = full_logits.float()
+    best = logits.max(-1).values
+    gap = best - logits.gather(-1, tokens[..., None].long())[..., 0]  # >= 0; 0 where the token is an argmax
+    std = logits.std(-1)
+    differ = gap > 0  # an exact tie counts as agreement: either token is the full forward's argmax
+
+    def worst(values: torch.Tensor) -> float:
+        return float(values[differ].max()) if differ.any() else 0.0
+
+    return {"positions": gap.numel(), "differ": int(differ.sum()), "max_gap": worst(gap),
+            "max_gap_over_top": worst(gap / best.abs()), "max_gap_over_std": worst(gap / std),
+            "logit_std": float(std.mean())}
+
+
 def state_nbytes(states: States) -> int:
     """Bytes of a state cache (the context-independent memory of MuseLM decoding)."""
     tensors = [t for s in states for t in (s.ssm.conv, s.ssm.ssm, s.bk) if t is not None]
