@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 IMPLS = (None, "torch", "triton")
 
@@ -51,3 +55,14 @@ def resolve_impl(op: str, impl: str | None, *tensors: torch.Tensor, has_triton_k
             "or pass impl='torch'"
         )
     return "triton"
+
+
+def compile_boundary(fn: F) -> F:
+    """Marks a Triton entry point (launchers + autograd Function) as opaque to `torch.compile`.
+
+    Dynamo would trace into the launchers and the autotuners; with torch 2.11 and Triton 3.6 it
+    failed on our autotuners' `early_config_prune` (and under the interpreter it traces the
+    interpreter itself). The entry point runs eagerly at a graph break, exactly as uncompiled;
+    the torch code around it is still compiled and fused. Outside `torch.compile` this is a no-op.
+    """
+    return torch.compiler.disable(fn, recursive=True)

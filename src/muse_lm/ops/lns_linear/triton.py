@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
     "CONFIGS",
@@ -342,6 +342,7 @@ class LNSLinearTriton(torch.autograd.Function):
         return dx, None, None, db, dlatent, None
 
 
+@compile_boundary
 def lns_linear_triton(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None,
                       latent: Tensor | None = None, *, config: LNSLinearConfig | None = None) -> Tensor:
     """Differentiable x [..., K] -> [..., N] in x's dtype (bf16 / fp16 / fp32); same contract as

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
     "CONFIGS",
@@ -598,6 +598,7 @@ class LogMatmulTriton(torch.autograd.Function):
         return da, db, None, None
 
 
+@compile_boundary
 def log_matmul_triton(
     a: Tensor, b: Tensor, *, config: LogMatmulConfig | None = None, precision: str = "tf32x3"
 ) -> Tensor:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
     "CONFIGS",
@@ -329,6 +329,7 @@ class BKResolventTriton(torch.autograd.Function):
         return (dv if ctx.needs_input_grad[0] else None), (dz if ctx.needs_input_grad[1] else None), None
 
 
+@compile_boundary
 def bk_resolvent_triton(v: Tensor, z: Tensor, *, config: BKConfig | None = None) -> Tensor:
     """Differentiable G [B,T,K] complex64 for v [B,T,K] real (fp32/bf16/fp16), z [K] complex64, Im z > 0.
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
     "CONFIGS",
@@ -364,6 +364,7 @@ class LinearRecurrenceTriton(torch.autograd.Function):
         return da, (db if need_b else None), dinit, None, None
 
 
+@compile_boundary
 def linear_recurrence_triton(
     a: Tensor, b: Tensor, *, reverse: bool = False, initial: Tensor | None = None, config: LinRecConfig | None = None
 ) -> Tensor:

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._dispatch import compile_boundary
+
 __all__ = ["SemiseparableStepTriton", "semiseparable_step_forward", "semiseparable_step_triton"]
 
 _MAX_TILE = 8192  # fp32 elements of the [RB, BP] state tile per program (64 registers a thread at 4 warps)
@@ -124,6 +126,7 @@ class SemiseparableStepTriton(torch.autograd.Function):
         return dx, du, dv, dla, decay * total
 
 
+@compile_boundary
 def semiseparable_step_triton(
     x_t: Tensor, u_t: Tensor, v_t: Tensor, log_a_t: Tensor, state: Tensor | None
 ) -> tuple[Tensor, Tensor]:

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.semiseparable.state_pass import chunk_table, state_pass
 
 __all__ = [
@@ -537,6 +537,7 @@ class SemiseparableTriton(torch.autograd.Function):
         return (*grads, d_init if ctx.has_init and needs[4] else None, None, None, None, None)
 
 
+@compile_boundary
 def semiseparable_triton(
     x: Tensor,
     u: Tensor,

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
 # fp32 dW accumulator of a 16-bit weight: at most 2**23 elements (32 MiB) per vocab chunk, as
@@ -626,6 +626,7 @@ class LinearCrossEntropyTriton(torch.autograd.Function):
         return dh, dw, None, None, None, None, None
 
 
+@compile_boundary
 def linear_cross_entropy_triton(
     h: Tensor,
     weight: Tensor,

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
 
@@ -553,6 +553,7 @@ def _work_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+@compile_boundary
 def tt_linear_cross_entropy_triton(
     h: Tensor,
     cores: Sequence[Tensor],

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from muse_lm.ops._dispatch import compile_boundary
 from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 from muse_lm.ops.tt_cross_entropy.triton_dense import (
     LCEConfig,
@@ -160,6 +161,7 @@ class TTChunkedCrossEntropy(torch.autograd.Function):
         return (dh, None, None, None, None, None, None, None, *dcores)
 
 
+@compile_boundary
 def tt_linear_cross_entropy_chunked(
     h: Tensor,
     cores: Sequence[Tensor],

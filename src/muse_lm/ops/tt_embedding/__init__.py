@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from muse_lm.ops._dispatch import resolve_impl
+from muse_lm.ops._dispatch import compile_boundary, resolve_impl
 from muse_lm.ops.tt_embedding.reference import tt_embedding_ref, tt_reconstruct_ref
 
 __all__ = ["check_tt_cores", "tt_embedding", "tt_reconstruct"]
@@ -103,11 +103,16 @@ def tt_embedding(ids: Tensor, cores: Sequence[Tensor], *, impl: str | None = Non
         return tt_embedding_ref(ids, cores)
     # Imported here: Triton is optional on CPU, and the interpreter reads TRITON_INTERPRET when
     # the kernels are defined.
+    # contiguous: a column slice like seq[:, t] reshapes to a strided view, and the kernel reads ids densely.
+    out = _lookup_triton(ids.reshape(-1).contiguous(), cores)
+    return out.reshape(*ids.shape, out.shape[-1])
+
+
+@compile_boundary
+def _lookup_triton(flat_ids: Tensor, cores: Sequence[Tensor]) -> Tensor:
     from muse_lm.ops.tt_embedding.triton import TTEmbeddingTriton
 
-    # contiguous: a column slice like seq[:, t] reshapes to a strided view, and the kernel reads ids densely.
-    out = TTEmbeddingTriton.apply(ids.reshape(-1).contiguous(), None, *cores)
-    return out.reshape(*ids.shape, out.shape[-1])
+    return TTEmbeddingTriton.apply(flat_ids, None, *cores)
 
 
 def tt_reconstruct(cores: Sequence[Tensor], start: int = 0, stop: int | None = None) -> Tensor:
