@@ -6,8 +6,14 @@ under the interpreter it traces the interpreter). Runs in a TRITON_INTERPRET=1 c
 import pytest
 import torch
 
-from muse_lm.ops import bk_resolvent, linear_cross_entropy, linear_recurrence, semiseparable_scan, tt_embedding
-from muse_lm.ops import tt_linear_cross_entropy
+from muse_lm.ops import (
+    bk_resolvent,
+    linear_cross_entropy,
+    linear_recurrence,
+    semiseparable_scan,
+    tt_embedding,
+    tt_linear_cross_entropy,
+)
 from muse_lm.ops._dispatch import interpreter_enabled
 
 pytest.importorskip("triton")
