@@ -279,17 +279,23 @@ class Trainer:
         self.engine.train()
         step = self.step
         self.faults.before_step(step, self.model)
-        self.monitor.collect_activations(step)
         accum = self.cfg.grad_accum
         step_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
         for micro in range(accum):
+            last = micro == accum - 1
             x, y = self.batches.batch((step + self.data_offset) * accum + micro)
             scale = 1.0
             if micro == 0:
                 x, y, scale = self.faults.corrupt_batch(step, x, y, self._vocab)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            with self._grad_sync(last_micro=micro == accum - 1):
+            # A step keeps one forward's statistics (each recording replaces the previous one), so
+            # only the last micro-batch records them: the hooks' reductions and the scan's final
+            # state are not computed accum - 1 times for nothing on stats steps.
+            if last:
+                self.monitor.collect_activations(step)
+            else:
+                self.monitor.stop_collecting()
+            x, y = self._to_device(x), self._to_device(y)
+            with self._grad_sync(last_micro=last):
                 with autocast_context(self.device, self.cfg.dtype):
                     loss, ce, aux = self.engine(x, y, return_parts=True)
                 if scale != 1.0:
@@ -319,6 +325,15 @@ class Trainer:
         else:
             self._judge_later(step, mean_loss, grad_norm, step_sums, limits, rank_flag)
         return grad_norm
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A CPU batch `[micro_batch, seq_len]` on the training device. On CUDA it is copied into
+        pinned memory first: a `non_blocking` copy from pageable memory is staged by the driver,
+        which may wait for the stream (every queued kernel) before it returns; from pinned memory
+        the copy is queued like a kernel (the pinned block is reused only after it completes)."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
     def _grad_sync(self, last_micro: bool):
         """Context of one micro-batch's forward + backward: gradients are reduced over the ranks
