@@ -108,6 +108,25 @@ def test_generate_streams_the_same_text_as_generate_and_stops_at_stop(run_dir, c
         assert stopped == streamed[: streamed.index(stop, len("def "))] + "\n"
 
 
+def test_generate_repetition_penalty_gives_the_api_text(run_dir, capsys):
+    import torch
+
+    from muse_lm.training.loading import load_trained
+    from muse_lm.training.tokenizer import eos_id
+
+    out, _ = run_dir
+    args = ["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "24", "--temperature", "0"]
+    assert main([*args, "--repetition-penalty", "3"]) == 0
+    penalized = capsys.readouterr().out
+    trained = load_trained(out, torch.device("cpu"))
+    tok, eos = trained.tokenizer, eos_id(trained.tokenizer)
+    prompt = tok.encode("def ", add_special_tokens=False).ids
+    ids = trained.model.generate(torch.tensor([prompt]), 24, temperature=0, repetition_penalty=3.0, eos_token_id=eos)
+    assert penalized == "def " + tok.decode([i for i in ids[0, len(prompt):].tolist() if i != eos]) + "\n"
+    assert main(args) == 0
+    assert capsys.readouterr().out != penalized  # plain greedy repeats one whitespace token here
+
+
 def test_generate_stream_restores_mode_and_grad(run_dir):
     import torch
 
@@ -191,6 +210,8 @@ BAD_INPUTS = {
     "generate: negative temperature": ["generate", "--checkpoint", "{run}", "--prompt", "x",
                                        "--temperature", "-1"],
     "generate: top-p above 1": ["generate", "--checkpoint", "{run}", "--prompt", "x", "--top-p", "1.5"],
+    "generate: zero repetition penalty": ["generate", "--checkpoint", "{run}", "--prompt", "x",
+                                          "--repetition-penalty", "0"],
     "estimate: unknown preset": ["estimate", "--preset", "99gb"],
     "unknown command": ["fly"],
     "unknown option": ["train", "--stepz", "3"],

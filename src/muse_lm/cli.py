@@ -91,6 +91,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=_number(int, "--top-k", minimum=1), default=None)
     p.add_argument("--top-p", type=_number(float, "--top-p", minimum=0.0, inclusive=False, maximum=1.0),
                    default=None)
+    p.add_argument("--repetition-penalty", type=_number(float, "--repetition-penalty", minimum=0.0, inclusive=False),
+                   default=1.0, help="> 1 pushes down tokens already in the prompt or the output (logit / p if "
+                                     "positive, logit * p if not); 1 = off (default)")
     p.add_argument("--seed", type=_number(int, "--seed", minimum=0), default=None,
                    help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -203,7 +206,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = tok.encode(args.prompt, add_special_tokens=False).ids or [eos]
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     steps = trained.model.generate_stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                          top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+                                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                          seed=args.seed, eos_token_id=eos)
     # Tokens are printed as they come; TextStream holds back a character cut mid-UTF-8 and any tail
     # that could begin a stop string.
     text = TextStream(tok, stop=tuple(args.stop))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -22,7 +23,7 @@ import uvicorn
 
 from muse_lm.errors import ConfigError
 from muse_lm.serving import Engine, ServeLimits, create_app
-from muse_lm.serving.cli import bind_socket
+from muse_lm.serving.cli import add_serve_parser, bind_socket
 
 LIMITS = ServeLimits(max_batch_size=16, max_queue=64, max_prompt_tokens=64, max_tokens_cap=1000)
 PROMPT = "def f1(x):"
@@ -195,6 +196,56 @@ def test_bounded_load_no_request_is_lost(served):
     final = stats(served)
     assert final["requests_served"] - served_before == 64
     assert final["active"] == final["queued"] == 0
+
+
+def _chunked(body: bytes, size: int = 1 << 16):
+    return iter([body[i:i + size] for i in range(0, len(body), size)])
+
+
+def test_oversized_body_gets_413_before_parsing_and_the_server_keeps_serving(served):
+    limit = LIMITS.max_request_bytes
+    assert limit == 1 << 20  # the default
+    before = stats(served)
+    with pytest.raises(openai.APIStatusError, match="limit of 1048576 bytes") as err:
+        client(served).completions.create(model="tiny", prompt="x" * limit, max_tokens=1)
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+    small = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 2}).encode()
+    exact = small[:-1] + b" " * (limit - len(small)) + b"}"  # padded with whitespace: still valid JSON
+    assert len(exact) == limit
+    # With Content-Length (refused before reading) and chunked (refused while reading), on one
+    # keep-alive connection: the unread rest of a refused body must not break the next request.
+    cases = [(exact, False, 200), (exact + b" ", False, 413), (exact, True, 200), (exact + b" " * limit, True, 413),
+             (small, False, 200)]
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    try:
+        for body, chunked, status in cases:
+            conn.request("POST", "/v1/completions", body=_chunked(body) if chunked else body,
+                         headers={"Content-Type": "application/json"}, encode_chunked=chunked)
+            response = conn.getresponse()
+            payload = json.load(response)
+            assert response.status == status, payload
+            if status == 413:
+                error = payload["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["code"] == "request_too_large"
+                assert "--max-request-bytes" in error["message"]
+                # Content-Length: refused from the header, which gives the size; chunked: while reading.
+                assert (f"is {len(body)} bytes" if not chunked else "is more than") in error["message"]
+            else:
+                assert payload["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        conn.close()
+    assert stats(served)["requests_served"] - before["requests_served"] == 3
+
+
+def test_max_request_bytes_is_validated():
+    with pytest.raises(ConfigError, match="max_request_bytes=0"):
+        ServeLimits(max_request_bytes=0)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--checkpoint", "x"]).max_request_bytes == 1 << 20
+    assert parser.parse_args(["serve", "--checkpoint", "x", "--max-request-bytes", "4096"]).max_request_bytes == 4096
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--checkpoint", "x", "--max-request-bytes", "0"])
 
 
 def test_a_full_queue_answers_429(tiny_checkpoint):

@@ -10,11 +10,16 @@ between steps. A continuous-batching server is built from `prefill`, `decode_ste
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from muse_lm.layers import ARSSMState
 from muse_lm.models.muse import BlockState, MuseLM
+from muse_lm.models.sampling import RowSampler
+
+if TYPE_CHECKING:  # decode_graph imports this module
+    from muse_lm.models.decode_graph import MuseDecoder
 
 States = list[BlockState]
 
@@ -74,3 +79,81 @@ def select_states(states: States, rows: torch.Tensor | Sequence[int]) -> States:
         raise ValueError(f"rows {index.tolist()} are out of range for a cache of {n} rows")
     return [BlockState(ARSSMState(b.ssm.conv[index], b.ssm.ssm[index]), None if b.bk is None else b.bk[index])
             for b in states]
+
+
+class _RowSteps:
+    """Decode steps for a batch whose rows leave between steps: the eager `decode_step`, or a
+    `MuseDecoder`'s static buffers (CUDA graphs). The state goes into the decoder only when the rows
+    have changed since its last load (as in the serving engine), so a steady batch only replays."""
+
+    def __init__(self, model: MuseLM, states: States, decoder: MuseDecoder | None):
+        self.model, self.decoder = model, decoder
+        self.states: States | None = states  # None while the decoder holds the batch
+
+    def select(self, rows: list[int]) -> None:
+        if self.states is None:
+            self.states = self.decoder.states()
+        self.states = select_states(self.states, rows)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            logits, self.states = decode_step(self.model, ids, self.states)
+            return logits
+        if self.states is not None:
+            self.decoder.load(self.states)
+            self.states = None
+        return self.decoder.step(ids)
+
+
+def prefill_grouped(model: MuseLM, prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, States]:
+    """1-D prompts of any lengths -> (next-token logits [N, V], states of N rows), rows in the order
+    given; runs of consecutive equal-length prompts share one prefill pass."""
+    logits, states, start = [], [], 0
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and prompts[end].numel() == prompts[start].numel():
+            end += 1
+        part_logits, part_states = prefill(model, torch.stack(list(prompts[start:end])))
+        logits.append(part_logits)
+        states.append(part_states)
+        start = end
+    return torch.cat(logits), (states[0] if len(states) == 1 else cat_states(states))
+
+
+def generate_rows(model: MuseLM, prompts: Sequence[torch.Tensor], max_new_tokens: Sequence[int],
+                  sampler: RowSampler, *, eos_token_id: int | None = None,
+                  decoder: MuseDecoder | None = None) -> list[list[int]]:
+    """The loop behind `MuseLM.generate_batch`: each 1-D prompt's new token ids, in the order given.
+
+    Prompts are sorted by length so equal lengths prefill together; the rows then decode as one batch,
+    and a row leaves (`select_states`) once it has emitted `eos_token_id` or max_new_tokens[i] tokens.
+
+    Args:
+        model: a MuseLM in eval mode (the caller sets it, and turns the per-step id check off).
+        prompts: 1-D long tensors on the model's device, ids already validated.
+        max_new_tokens: one limit >= 0 per prompt.
+        sampler: built over `prompts` in this order (it is reordered and shrunk along with the batch).
+        decoder: a `MuseDecoder` to step in (CUDA graphs, or its static buffers uncaptured); None
+            steps eagerly with `decode_step`.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    active = sorted((i for i in range(len(prompts)) if max_new_tokens[i] > 0), key=lambda i: prompts[i].numel())
+    if not active:
+        return out
+    logits, states = prefill_grouped(model, [prompts[i] for i in active])
+    sampler.select(active)
+    steps = _RowSteps(model, states, decoder)
+    while True:
+        nxt = sampler.sample(logits)
+        keep = []
+        for pos, (row, token) in enumerate(zip(active, nxt.tolist())):  # one host sync per step
+            out[row].append(token)
+            if token != eos_token_id and len(out[row]) < max_new_tokens[row]:
+                keep.append(pos)
+        if not keep:
+            return out
+        if len(keep) < len(active):
+            active, nxt = [active[k] for k in keep], nxt[keep]
+            sampler.select(keep)
+            steps.select(keep)
+        logits = steps.step(nxt)

@@ -45,7 +45,8 @@ def create_app(engine: Engine, *, model_name: str = "muse") -> Starlette:
 
     async def completions(request: HTTPRequest) -> Response:
         try:
-            parsed = parse_completion_request(await _json_body(request), model_name)
+            body = await _read_body(request, engine.limits.max_request_bytes)
+            parsed = parse_completion_request(_json(body), model_name)
             return await _complete(engine, model_name, parsed, request)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
@@ -67,9 +68,31 @@ def create_app(engine: Engine, *, model_name: str = "muse") -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
-async def _json_body(request: HTTPRequest) -> object:
+async def _read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes: from its
+    Content-Length before reading anything, else (chunked uploads) while the chunks arrive. Nothing
+    larger than the limit is ever held in memory, parsed or tokenized."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, size: int | None = None) -> RequestError:
+    what = "is more than" if size is None else f"is {size} bytes, more than"
+    return RequestError(f"the request body {what} this server's limit of {limit} bytes (muse serve "
+                        "--max-request-bytes); send a shorter prompt", status=413, code="request_too_large")
+
+
+def _json(body: bytes) -> object:
     try:
-        return await request.json()
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"the request body is not valid JSON ({err}); send a JSON object") from None
 

@@ -44,6 +44,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="longer prompts get HTTP 400 (default 4096)")
     p.add_argument("--max-tokens-cap", type=_int_at_least(1, "--max-tokens-cap"), default=2048,
                    help="largest max_tokens a request may ask for (default 2048)")
+    p.add_argument("--max-request-bytes", type=_int_at_least(1, "--max-request-bytes"), default=1 << 20,
+                   help="larger request bodies get HTTP 413 before they are parsed (default 1048576 = 1 MiB)")
     p.add_argument("--threads", type=_int_at_least(1, "--threads"), default=None,
                    help="CPU threads for the model (default: PyTorch's; 1 is often fastest for small models)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -84,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from muse_lm.training.tokenizer import eos_id
 
     limits = ServeLimits(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap)
+                         max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens_cap,
+                         max_request_bytes=args.max_request_bytes)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device, DistInfo())

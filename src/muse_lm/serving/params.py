@@ -62,9 +62,12 @@ class ServeLimits:
     """Longer prompts get 400 (prefill is one chunked pass, so its time grows with the prompt)."""
     max_tokens_cap: int = 2048
     """Requests asking for more new tokens get 400."""
+    max_request_bytes: int = 1 << 20
+    """Larger request bodies get 413, checked from Content-Length and while the body is read (before
+    JSON parsing and tokenization). 1 MiB holds a prompt far beyond max_prompt_tokens' default."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap"):
+        for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens_cap", "max_request_bytes"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"ServeLimits.{name}={value!r} is invalid: it must be an integer >= 1")

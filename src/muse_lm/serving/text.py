@@ -5,7 +5,8 @@ from __future__ import annotations
 import tokenizers
 import torch
 
-from muse_lm.models.sampling import sample_next
+# Shared with MuseLM.generate: the server samples exactly as generate does.
+from muse_lm.models.sampling import apply_repetition_penalty, sample_next
 from muse_lm.serving.params import SamplingParams
 
 _INCOMPLETE = "\ufffd"  # what a byte-level decoder shows for a UTF-8 character cut in the middle
@@ -72,15 +73,6 @@ class TextStream:
                     best = k
                     break
         return best
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [V], seen [V] bool (ids in the prompt or output) -> seen ids pushed down (CTRL):
-    l / p where l > 0, l * p elsewhere."""
-    if penalty == 1.0:
-        return logits
-    pushed = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, pushed, logits)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
