@@ -147,3 +147,25 @@ def test_generate_restores_mode_and_id_checking():
     with pytest.raises(ValueError, match="top_k"):
         model.generate(torch.randint(0, 97, (1, 3)), 2, top_k=0)
     assert model.training and model.check_ids
+
+
+def test_activation_checkpointing_updates_the_gate_means_once_per_batch():
+    """The recomputation in backward must not count the batch a second time in the running gate
+    means (they decide rank pruning): with and without checkpointing they are equal after a step."""
+    import dataclasses
+
+    from muse_lm.presets import get_preset
+
+    cfg = dataclasses.replace(get_preset("tiny").model, n_layers=2, d_model=32, n_heads=2, vocab_size=64)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    means = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = MuseLM(cfg).train()
+        model.gradient_checkpointing = ckpt
+        model(ids[:, :-1], ids[:, 1:]).backward()
+        means.append([b.mixer.gate_mean.clone() for b in model.blocks])
+    fresh = MuseLM(cfg).blocks[0].mixer.gate_mean
+    assert not torch.equal(means[0][0], fresh)  # the step did update them
+    for plain, checkpointed in zip(*means):
+        assert torch.allclose(plain, checkpointed, rtol=0, atol=1e-7)

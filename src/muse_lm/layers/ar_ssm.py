@@ -7,7 +7,10 @@ convolution mixes neighbouring tokens first. Rank gates m_t in [0,1]^R scale u_t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,26 @@ from torch import nn
 from muse_lm.layers.gates import GATE_MODES, rank_gate
 from muse_lm.layers.norms import RMSNorm
 from muse_lm.ops import semiseparable_scan, semiseparable_step
+
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks a forward as activation checkpointing's recomputation (in backward): running
+    statistics (the AR-SSM gate means) are not updated a second time for the same batch. Entered
+    by the model's checkpoint wrapper through `torch.utils.checkpoint`'s `context_fn`; thread-local
+    because the autograd engine recomputes on its own threads."""
+    before = getattr(_RECOMPUTE, "active", False)
+    _RECOMPUTE.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.active = before
+
+
+def in_recompute() -> bool:
+    return getattr(_RECOMPUTE, "active", False)
 
 
 @dataclass
@@ -188,7 +211,10 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
 
     @torch.no_grad()
     def _update_gate_stats(self, gate: torch.Tensor) -> None:
-        # In-place EMA on the device: no host sync.
+        # In-place EMA on the device: no host sync. Not again when activation checkpointing
+        # recomputes this forward in backward: one optimizer step's batch counts once.
+        if in_recompute():
+            return
         mean = gate.detach().float().reshape(-1, self.rank).mean(0)
         self.gate_mean.mul_(self.stats_momentum).add_(mean, alpha=1 - self.stats_momentum)
 

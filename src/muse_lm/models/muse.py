@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,16 @@ from muse_lm.layers import (
     RMSNorm,
     SwiGLU,
 )
-from muse_lm.layers.ar_ssm import PruneReport
+from muse_lm.layers.ar_ssm import PruneReport, recomputing
 from muse_lm.models.config import MuseConfig
 from muse_lm.models.generation import GenerationMixin
 from muse_lm.models.pretrained import read_model_dir, save_model_dir
+
+
+def _recompute_contexts():
+    """torch.utils.checkpoint's context_fn: nothing around the first forward; `recomputing()`
+    around the recomputation in backward (running statistics are updated once per batch)."""
+    return contextlib.nullcontext(), recomputing()
 
 
 @dataclass
@@ -116,7 +123,7 @@ class MuseLM(GenerationMixin, nn.Module):
         for i, block in enumerate(self.blocks):
             state = states[i] if states is not None else None
             if self.gradient_checkpointing and self.training and new_states is None:
-                x, penalty, st = checkpoint(block, x, use_reentrant=False)
+                x, penalty, st = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_contexts)
             else:
                 x, penalty, st = block(x, state, return_state)
             aux = aux + penalty
