@@ -123,11 +123,13 @@ def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> di
         for _ in range(warmup):
             trainer.train_step()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        times = []  # per step (a sync after each: ~1 s steps, so it costs nothing): shows the spread
         for _ in range(steps):
+            t0 = time.perf_counter()
             trainer.train_step()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        seconds = sum(times)
         peak = torch.cuda.max_memory_reserved() + _context_bytes()
         state = _state_bytes(trainer)
         result = {"preset": preset, "parallel": parallel, "gpus": info.world_size, "steps": steps,
@@ -136,10 +138,29 @@ def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> di
                   "allocated_mid_step_gib_per_gpu": state["allocated_mid_step"] / 2**30,
                   "model_state_bytes": state, "params": trainer.model.num_parameters(),
                   "micro_batch_per_gpu": trainer.cfg.micro_batch, "grad_accum": trainer.cfg.grad_accum,
-                  "tokens_per_step": trainer.tokens_per_step, "seq_len": trainer.cfg.seq_len}
+                  "tokens_per_step": trainer.tokens_per_step, "seq_len": trainer.cfg.seq_len,
+                  "step_times_s": times}
+        if info.world_size > 1:
+            result["allreduce_grads_s"] = _allreduce_seconds(state["grads"] // 4, info)
         del trainer
     _free()
     return result
+
+
+def _allreduce_seconds(numel: int, info, repeats: int = 5) -> float:
+    """Median seconds of one NCCL all-reduce of `numel` fp32 values (this rank's gradient bytes under
+    DDP): what a step's gradient reduction costs at best, to compare with the measured step overhead."""
+    buf = torch.ones(numel, device=torch.device("cuda", info.local_rank))
+    torch.distributed.all_reduce(buf)  # warm-up (NCCL connects lazily)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.distributed.all_reduce(buf)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del buf
+    return float(np.median(times))
 
 
 def _free() -> None:
@@ -248,22 +269,29 @@ def _env() -> dict:
                                                                        os.environ.get("PYTHONPATH")]))}
 
 
-def _call(cmd: list[str], timeout: float) -> dict:
+def _call(cmd: list[str], timeout: float, extra_env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env={**_env(), **(extra_env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     out = {"ok": proc.returncode == 0, "wall_s": time.perf_counter() - t0}
     if proc.returncode:
         out["error"] = proc.stderr[-3000:]
+    if extra_env and "NCCL_DEBUG" in extra_env:
+        log = proc.stdout + proc.stderr
+        out["nccl_transport"] = [ln.strip()[-200:] for ln in log.splitlines()
+                                 if " via " in ln or "NVLS" in ln or "P2P" in ln][:12]
     return out
 
 
 def _run_workers(nproc: int, job: dict, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         job = {**job, "out": f.name}
-    status = _call([*_torchrun(nproc), __file__, "--worker", json.dumps(job)], timeout)
+    cmd = [*_torchrun(nproc), __file__, "--worker", json.dumps(job)]
+    # NCCL's INIT log says which transport links the GPUs (P2P/NVLink, SHM, NET): kept with the results.
+    status = _call(cmd, timeout, extra_env={"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT"} if nproc > 1 else None)
     if status["ok"]:
         status.update(json.loads(Path(job["out"]).read_text()))
     return status
@@ -412,7 +440,7 @@ def main() -> None:
     result = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
               "fit": pair.get("fit", []), "loss_curves": curves,
               "workers": {"1gpu": {k: single[k] for k in ("ok", "wall_s", "error") if k in single},
-                          "2gpu": {k: pair[k] for k in ("ok", "wall_s", "error") if k in pair}},
+                          "2gpu": {k: pair[k] for k in ("ok", "wall_s", "error", "nccl_transport") if k in pair}},
               "total_s": time.perf_counter() - t0,
               "command": "PYTHONPATH=src python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])}
     (out_dir / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
