@@ -25,26 +25,16 @@ LOGIT_STD = 3.0
 
 
 def _competitors() -> dict[str, Callable | str]:
-    """Dense heads: name -> loss fn(h, w, t), or why it is unavailable."""
-    out: dict[str, Callable | str] = {
-        "dense_naive": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t),
-        "dense_ours": lambda h, w, t: linear_cross_entropy(h, w, t, impl="triton"),
-    }
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce
+    """Dense heads: name -> loss fn(h, w, t), or why it is unavailable. cut-cross-entropy and Liger
+    come from the dense head's check (`check_lce_gpu.py`), under this file's result names."""
+    from check_lce_gpu import _competitors as dense_competitors  # a sibling script: benchmarks/ is on sys.path
 
-        out["cut_cross_entropy"] = lambda h, w, t: cce(h, w, t)
-        out["cut_cross_entropy_filter_eps_none"] = lambda h, w, t: cce(h, w, t, filter_eps=None)
-    except ImportError as err:
-        out["cut_cross_entropy"] = out["cut_cross_entropy_filter_eps_none"] = f"unavailable: {err!r}"
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-        liger = LigerFusedLinearCrossEntropyLoss()
-        out["liger"] = lambda h, w, t: liger(w, h, t)  # Liger takes (lin_weight, input, target)
-    except ImportError as err:
-        out["liger"] = f"unavailable: {err!r}"
-    return out
+    others = dense_competitors()
+    return {"dense_naive": lambda h, w, t: F.cross_entropy((h @ w.T).float(), t),
+            "dense_ours": lambda h, w, t: linear_cross_entropy(h, w, t, impl="triton"),
+            "cut_cross_entropy": others["cce_default"],
+            "cut_cross_entropy_filter_eps_none": others["cce_filter_eps_none"],
+            "liger": others["liger"]}
 
 
 def _scaled_hidden(rows: torch.Tensor) -> torch.Tensor:

@@ -5,17 +5,14 @@ child process (`test_interpreter_suite`), like the other kernel tests."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_tt_head_triton import IGNORE, _naive_fp64  # the fp64 definition, shared with the fused head's tests
 
 from muse_lm.ops._dispatch import interpreter_enabled
 from muse_lm.ops.tt_cross_entropy.reference import tt_linear_cross_entropy_ref
-from muse_lm.ops.tt_embedding import tt_reconstruct
 
 pytest.importorskip("triton")
 
 interp = pytest.mark.skipif(not interpreter_enabled(), reason="runs in the TRITON_INTERPRET=1 child process")
-
-IGNORE = -100
 
 
 def _rel(a, b):
@@ -37,16 +34,6 @@ def _problem(vocab_factors, width_factors, rank, vocab, n, seed):
     t[1::4] = IGNORE
     t[0] = vocab - 1  # the last real row is a target
     return h, cores, t
-
-
-def _naive_fp64(h, cores, t, vocab, reduction, z_loss):
-    logits = h.double() @ tt_reconstruct([c.double() for c in cores])[:vocab].T
-    ce = F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="none")
-    valid = t != IGNORE
-    per = torch.where(valid, ce + z_loss * torch.logsumexp(logits, -1).square(), torch.zeros_like(ce))
-    if reduction == "none":
-        return per
-    return per.sum() if reduction == "sum" else per.sum() / valid.sum().clamp_min(1)
 
 
 def _check(h, cores, t, vocab, reduction, z_loss, cfg=None, chunk_elements=None):

@@ -115,8 +115,9 @@ def tt_chunked_backward(
     dh = _dh_accumulators(n, d, h) if need_h else (coef, coef, n)
     if n == 0:  # no tokens: zero gradients, no launch
         return (torch.zeros_like(h) if need_h else None), ([torch.zeros_like(c) for c in cores] if need_cores else None)
-    masters = [c.detach().float().requires_grad_() for c in cores]
+    masters = [c.detach().float().requires_grad_() for c in cores] if need_cores else None
     grads = [torch.zeros_like(m) for m in masters] if need_cores else None
+    low = None if need_cores else [c.to(h.dtype) for c in cores]  # cast once, not per chunk
     for start, stop in chunk_bounds(vocab_size, d, cfg.block_v, chunk_elements or BACKWARD_CHUNK_ELEMENTS):
         if need_cores:
             with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
@@ -124,7 +125,7 @@ def tt_chunked_backward(
             rows = rows32.detach().to(h.dtype).contiguous()
             d_rows = torch.zeros(stop - start, d, device=h.device, dtype=torch.float32)
         else:
-            rows, d_rows = _rebuild(cores, start, stop, h.dtype), coef  # d_rows unused
+            rows, d_rows = _rebuild(low, start, stop, h.dtype), coef  # d_rows unused
         launch_backward(h, rows, targets - start, lse, coef, token_grad, dh, d_rows, (0, stop - start), cfg,
                         need_h=need_h, need_w=need_cores)
         if need_cores:
