@@ -81,27 +81,40 @@ def select_states(states: States, rows: torch.Tensor | Sequence[int]) -> States:
             for b in states]
 
 
-class _RowSteps:
-    """Decode steps for a batch whose rows leave between steps: the eager `decode_step`, or a
-    `MuseDecoder`'s static buffers (CUDA graphs). The state goes into the decoder only when the rows
-    have changed since its last load (as in the serving engine), so a steady batch only replays."""
+class BatchSteps:
+    """Decode steps for a batch whose rows join and leave between steps (`generate_rows`, the
+    serving engine): the eager `decode_step`, or a `MuseDecoder`'s static buffers (CUDA graphs).
 
-    def __init__(self, model: MuseLM, states: States, decoder: MuseDecoder | None):
+    The state goes into the decoder only when the rows have changed since its last load, so a steady
+    batch only replays; `states()` takes it out (a copy) when rows must be gathered or joined.
+    """
+
+    def __init__(self, model: MuseLM, decoder: MuseDecoder | None = None, states: States | None = None):
         self.model, self.decoder = model, decoder
-        self.states: States | None = states  # None while the decoder holds the batch
+        self._states = states  # None while the decoder holds the batch (or there are no rows)
+
+    def states(self) -> States:
+        """The rows' state as tensors of their own (taken out of the decoder if it holds them)."""
+        if self._states is None:
+            self._states = self.decoder.states()
+        return self._states
+
+    def set_states(self, states: States | None) -> None:
+        """Replaces the batch (None: no rows); the next step loads it."""
+        self._states = states
 
     def select(self, rows: list[int]) -> None:
-        if self.states is None:
-            self.states = self.decoder.states()
-        self.states = select_states(self.states, rows)
+        self._states = select_states(self.states(), rows)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B] -> next-token logits [B, V] (with a decoder, a view of its output buffer: read
+        it before the next step)."""
         if self.decoder is None:
-            logits, self.states = decode_step(self.model, ids, self.states)
+            logits, self._states = decode_step(self.model, ids, self._states)
             return logits
-        if self.states is not None:
-            self.decoder.load(self.states)
-            self.states = None
+        if self._states is not None:
+            self.decoder.load(self._states)
+            self._states = None
         return self.decoder.step(ids)
 
 
@@ -142,7 +155,7 @@ def generate_rows(model: MuseLM, prompts: Sequence[torch.Tensor], max_new_tokens
         return out
     logits, states = prefill_grouped(model, [prompts[i] for i in active])
     sampler.select(active)
-    steps = _RowSteps(model, states, decoder)
+    steps = BatchSteps(model, decoder, states)
     while True:
         nxt = sampler.sample(logits)
         keep = []

@@ -14,9 +14,10 @@ CUDA a `MuseDecoder` that replays a captured CUDA graph per batch-size bucket (a
 small kernels; one replay launches them all: 2.5-2.9 ms instead of 20-23 ms per step for the 8gb
 model on an H100, batch 1-32). The batch's state lives in the decoder's static buffers while the
 batch stays the same; only when a row joins or leaves is it taken out (`states()`), gathered or
-concatenated, and loaded back before the next step. Off CUDA the default decoder wraps the eager
-`decode_step` (no static buffers, no padding rows to compute); `cuda_graph=False` runs the static
-MuseDecoder without capture, so the CPU tests cover that path too.
+concatenated, and loaded back before the next step (`batched_state.BatchSteps`, shared with
+`generate_batch`). Off CUDA the default is the eager `decode_step` (no static buffers, no padding
+rows to compute); `cuda_graph=False` runs the static MuseDecoder without capture, so the CPU tests
+cover that path too.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import tokenizers
 import torch
 
-from muse_lm.models.batched_state import States, cat_states, decode_step, prefill, select_states
+from muse_lm.models.batched_state import BatchSteps, cat_states, prefill
 from muse_lm.models.decode_graph import MuseDecoder
 from muse_lm.models.muse import MuseLM
 from muse_lm.serving.params import SamplingParams, ServeLimits
@@ -92,38 +93,13 @@ class _Sequence:
             self.request.on_event(CompletionEvent(text, finish_reason, len(self.request.prompt_ids), self.generated))
 
 
-class _EagerSteps:
-    """The decoder interface of `MuseDecoder` (load / step / states) over the eager `decode_step`.
-
-    The default off CUDA: without graphs, static buffers would only add copies and compute the
-    padding rows of a bucket. `states()` hands out the held tensors themselves; `decode_step` never
-    writes into them (it returns new ones), so they stay valid after later steps.
-    """
-
-    def __init__(self, model: MuseLM):
-        self.model = model
-        self._states: States | None = None
-
-    def load(self, states: States) -> None:
-        self._states = states
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._states is None:
-            raise ValueError("step before load: load a prefilled state first")
-        logits, self._states = decode_step(self.model, ids, self._states)
-        return logits
-
-    def states(self) -> States:
-        if self._states is None:
-            raise ValueError("states before load")
-        return self._states
-
-
-def _make_decoder(model: MuseLM, cuda_graph: bool | None) -> tuple[MuseDecoder | _EagerSteps, str]:
-    """(decoder, its mode: "cuda_graph" | "static" | "eager") for Engine's `cuda_graph` flag."""
+def _make_decoder(model: MuseLM, cuda_graph: bool | None) -> tuple[MuseDecoder | None, str]:
+    """(decoder, its mode: "cuda_graph" | "static" | "eager") for Engine's `cuda_graph` flag; no
+    decoder (the eager `decode_step`) off CUDA by default: without graphs, static buffers would
+    only add copies and compute the padding rows of a bucket."""
     device = next(model.parameters()).device
     if cuda_graph is None and device.type != "cuda":
-        return _EagerSteps(model), "eager"
+        return None, "eager"
     decoder = MuseDecoder(model, cuda_graph=cuda_graph)  # True off CUDA: ValueError that says so
     return decoder, "cuda_graph" if decoder.cuda_graph else "static"
 
@@ -158,12 +134,10 @@ class Engine:
         self._queue: deque[Request] = deque()
         self._running: list[_Sequence] = []
         self._decoder, self.decode_mode = _make_decoder(self.model, cuda_graph)
+        self._steps = BatchSteps(self.model, self._decoder)  # the running rows' state and decode steps
         # [B, V], row i = next-token logits of _running[i] (None: no rows). After a decode step with
         # graphs, a view of the decoder's output buffer: read before the next step, which overwrites it.
         self._logits: torch.Tensor | None = None
-        # The batch's state while it is outside the decoder (rows joined or left since the last load);
-        # None while the decoder holds it (or there are no rows).
-        self._states: States | None = None
         self._ids = itertools.count()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -235,17 +209,7 @@ class Engine:
 
     def _decode(self, ids: torch.Tensor) -> None:
         """One step for every running row; the state goes into the decoder only if the rows changed."""
-        if self._states is not None:
-            self._decoder.load(self._states)
-            self._states = None
-        self._logits = self._decoder.step(ids)
-
-    def _batch_states(self) -> States:
-        """The running rows' state as tensors of their own, taken out of the decoder if it holds it
-        (a copy: the decoder's buffers are overwritten by its next load)."""
-        if self._states is None:
-            self._states = self._decoder.states()
-        return self._states
+        self._logits = self._steps.step(ids)
 
     def _take_admissions(self) -> list[Request]:
         with self._cv:
@@ -266,10 +230,11 @@ class Engine:
         with self._cv:
             self._running.append(seq)
         if self._logits is None:
-            self._logits, self._states = logits, states
+            self._logits = logits
+            self._steps.set_states(states)
         else:
             self._logits = torch.cat([self._logits, logits])
-            self._states = cat_states([self._batch_states(), states])
+            self._steps.set_states(cat_states([self._steps.states(), states]))
 
     def _sample(self, row: int, seq: _Sequence) -> tuple[int, str, str | None]:
         """Draws and records row's next token -> (token, new text, finish reason or None)."""
@@ -307,9 +272,11 @@ class Engine:
         with self._cv:
             self._running = [self._running[i] for i in keep]
         if keep:
-            self._logits, self._states = self._logits[keep], select_states(self._batch_states(), keep)
+            self._logits = self._logits[keep]
+            self._steps.select(keep)
         else:
-            self._logits = self._states = None
+            self._logits = None
+            self._steps.set_states(None)
 
     def _finish_cancelled(self, request: Request) -> None:
         with self._cv:
@@ -350,7 +317,8 @@ class Engine:
             self._closed = True
             pending = [seq.request for seq in self._running] + list(self._queue)
             self._running, self._queue = [], deque()
-        self._logits = self._states = None
+        self._logits = None
+        self._steps.set_states(None)
         for request in pending:
             request.on_event(CompletionEvent("", None, len(request.prompt_ids), 0, error=message))
         if pending:
