@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from muse_lm.layers import AdaptiveRankSemiseparableLayer, BKSpectralFeatures, HTTEmbedding, RMSNorm, SwiGLU
+from muse_lm.layers.ar_ssm import ARSSMState
 
 
 def _assert_causal(fn, x: torch.Tensor, t: int) -> None:
@@ -47,3 +48,27 @@ def test_htt_embedding_is_per_token():
     ids2 = ids.clone()
     ids2[:, 5:] = (ids2[:, 5:] + 1) % 50
     torch.testing.assert_close(emb(ids2)[:, :5], out0[:, :5], rtol=0, atol=0)
+
+
+def test_ar_ssm_conv_equals_causal_depthwise_conv1d():
+    """The shifted multiply-add conv is F.conv1d's causal depthwise cross-correlation, with and
+    without cached left context, values and gradients."""
+    torch.manual_seed(0)
+    layer = AdaptiveRankSemiseparableLayer(24, 8, 2, num_heads=4, conv_size=4).double()
+    with torch.no_grad():
+        layer.conv.bias.normal_()
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    past = torch.randn(2, 3, 24, dtype=torch.float64)
+    for state in (None, ARSSMState(past, torch.zeros(2, 4, 8, 6, dtype=torch.float64))):
+        y, tail = layer._conv(x, state)
+        left = past if state is not None else torch.zeros_like(past)
+        xp = torch.cat([left, x], 1)
+        ref = torch.nn.functional.silu(torch.nn.functional.conv1d(
+            xp.transpose(1, 2), layer.conv.weight, layer.conv.bias, groups=24).transpose(1, 2))
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tail, xp[:, -3:])
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, layer.conv.weight, layer.conv.bias), g)
+        want = torch.autograd.grad(ref, (x, layer.conv.weight, layer.conv.bias), g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
