@@ -1,5 +1,6 @@
-"""torch.compile around the Triton entry points: each runs eagerly at a graph break
-(`_dispatch.compile_boundary`), so a compiled model gives the eager loss and gradients. Without the
+"""torch.compile around the Triton entry points: the embedding and heads run eagerly at a graph break
+(`_dispatch.compile_boundary`), the scan and BK kernels as custom ops inside the graph
+(tests/ops/test_custom_ops.py), so a compiled model gives the eager loss and gradients. Without the
 boundary Dynamo traces into the launchers (on a GPU it failed on the autotuners' early_config_prune;
 under the interpreter it traces the interpreter). Runs in a TRITON_INTERPRET=1 child process."""
 

@@ -17,8 +17,13 @@ F = TypeVar("F", bound=Callable)
 IMPLS = (None, "torch", "triton")
 
 
+# Looked up once: `importlib` is opaque to torch.compile, so a lookup per call (inside a compiled
+# model's ops) would cut the graph there.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

@@ -329,12 +329,21 @@ class BKResolventTriton(torch.autograd.Function):
         return (dv if ctx.needs_input_grad[0] else None), (dz if ctx.needs_input_grad[1] else None), None
 
 
-@compile_boundary
 def bk_resolvent_triton(v: Tensor, z: Tensor, *, config: BKConfig | None = None) -> Tensor:
     """Differentiable G [B,T,K] complex64 for v [B,T,K] real (fp32/bf16/fp16), z [K] complex64, Im z > 0.
 
     Same contract as `muse_lm.ops.scan.bk_resolvent` (which validates and dispatches here on CUDA);
-    config None autotunes over `CONFIGS` on CUDA (the default config under the interpreter).
+    config None autotunes over `CONFIGS` on CUDA (the default config under the interpreter) and runs
+    through the custom ops of `bk_custom_ops.py`, which `torch.compile` keeps inside its graph.
     """
     _check_inputs(v, z)
+    if config is None:
+        from muse_lm.ops.scan.bk_custom_ops import bk_forward
+
+        return bk_forward(v, z)
+    return _bk_function(v, z, config)
+
+
+@compile_boundary
+def _bk_function(v: Tensor, z: Tensor, config: BKConfig) -> Tensor:
     return BKResolventTriton.apply(v, z, config)

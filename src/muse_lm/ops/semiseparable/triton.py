@@ -537,7 +537,6 @@ class SemiseparableTriton(torch.autograd.Function):
         return (*grads, d_init if ctx.has_init and needs[4] else None, None, None, None, None)
 
 
-@compile_boundary
 def semiseparable_triton(
     x: Tensor,
     u: Tensor,
@@ -553,7 +552,21 @@ def semiseparable_triton(
 ) -> tuple[Tensor, Tensor | None]:
     """Differentiable Triton scan; same contract as `muse_lm.ops.semiseparable_scan` (which validates and
     dispatches here). config None autotunes over `CONFIGS` on CUDA (the default config under the
-    interpreter); two_levels as in `semiseparable_forward`."""
+    interpreter); two_levels as in `semiseparable_forward`.
+
+    The model's case (no cu_seqlens, config and two_levels automatic) runs through the custom ops of
+    `custom_ops.py`, which `torch.compile` keeps inside its graph; the others through the autograd
+    Function behind `compile_boundary`."""
     _check_kernel_inputs(x, log_a, initial_state)
-    y, final = SemiseparableTriton.apply(x, u, v, log_a, initial_state, chunk_size, config, cu_seqlens, two_levels)
+    if cu_seqlens is None and config is None and two_levels is None:
+        from muse_lm.ops.semiseparable.custom_ops import semiseparable_custom
+
+        y, final = semiseparable_custom(x, u, v, log_a, initial_state, chunk_size)
+    else:
+        y, final = _semiseparable_function(x, u, v, log_a, initial_state, chunk_size, config, cu_seqlens, two_levels)
     return y, (final if output_final_state else None)
+
+
+@compile_boundary
+def _semiseparable_function(x, u, v, log_a, initial_state, chunk_size, config, cu_seqlens, two_levels):
+    return SemiseparableTriton.apply(x, u, v, log_a, initial_state, chunk_size, config, cu_seqlens, two_levels)
