@@ -693,6 +693,11 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                    help="torch.compile each model: auto (CUDA; a failure is recorded and the run goes on "
                         "uncompiled), on (a failure is an error), off")
+    p.add_argument("--cuda-graph", choices=COMPILE_MODES, default="off",
+                   help="model: replay each training step as one captured CUDA graph: auto (CUDA; a failed "
+                        "capture is recorded and that point runs uncaptured), on (a failure is an error), off "
+                        "(default). Throughput only for now: earlier points' graph memory is not returned, so "
+                        "later peaks are inflated")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default 0)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MuseConfig/TrainConfig field for every model, e.g. --set lr=6e-4")

@@ -59,7 +59,8 @@ def plan_model(args: argparse.Namespace) -> ModelBenchSettings:
     settings = ModelBenchSettings(
         preset=args.preset, lengths=QUICK_LENGTHS if quick else LENGTHS, warmup_steps=2 if quick else 3,
         timed_steps=5 if quick else 10, models=QUICK_MODELS if quick else tuple(MODELS),
-        max_seconds=args.max_seconds or MAX_SECONDS, device=args.device, compile=args.compile, seed=args.seed,
+        max_seconds=args.max_seconds or MAX_SECONDS, device=args.device, compile=args.compile,
+        cuda_graph=getattr(args, "cuda_graph", "off"), seed=args.seed,
         overrides=parse_set_args(args.sets), out=_out(args))
     model_configs(settings)  # shape mistakes are reported before anything runs
     return settings

@@ -66,6 +66,10 @@ class ModelBenchSettings:
     max_seconds: float = MAX_SECONDS  # later points are recorded as skipped once this is spent
     device: str | None = None
     compile: str = "auto"
+    # Replay each step as one captured CUDA graph (see graphed.py). Off by default: on an H100 the
+    # graphs' memory pools were not returned between points (peaks grew ~7 GiB a point and the
+    # transformers then ran out of memory), so graphed runs are for throughput only until that is fixed.
+    cuda_graph: str = "off"
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # MuseConfig / TrainConfig fields (`--set`)
     out: Path | None = None  # where model.json is rewritten after every point
@@ -81,6 +85,7 @@ class ModelBenchSettings:
             (bool(self.models) and set(self.models) <= set(MODELS) and len(set(self.models)) == len(self.models),
              "models", self.models, f"distinct names from {', '.join(MODELS)}"),
             (self.max_seconds > 0, "--max-seconds", self.max_seconds, "a positive number of seconds"),
+            (self.cuda_graph in ("auto", "on", "off"), "--cuda-graph", self.cuda_graph, "one of auto, on, off"),
         ])
 
 

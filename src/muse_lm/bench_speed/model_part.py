@@ -33,6 +33,8 @@ from muse_lm.bench_speed.common import (
     race_heads,
     time_steps,
 )
+from muse_lm.bench_speed.graphed import GraphedStep, make_capturable
+from muse_lm.errors import ConfigError
 from muse_lm.models import MuseConfig, MuseLM
 from muse_lm.presets import get_preset
 from muse_lm.training.config import TrainConfig
@@ -75,27 +77,63 @@ def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: 
     batch = settings.tokens_per_step // seq_len
     point = {"seq_len": seq_len, "batch": batch, "tokens": batch * seq_len}
     gen = torch.Generator().manual_seed(settings.seed * 100_003 + seq_len)
-    data = step = None
+    data = step = graphed = None
     try:
         data = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
         step = lambda ids=data[:, :-1], targets=data[:, 1:]: train_step(model, optimizer, ids, targets, device)
         t0 = time.perf_counter()
         for _ in range(settings.warmup_steps):
             compiler.call(step, cleanup=lambda: optimizer.zero_grad(set_to_none=True))
+        graphed = _capture(step, optimizer, settings, device, point)
         _sync(device)
         point["warmup_s"] = time.perf_counter() - t0
         free_device(device)
-        times = time_steps(step, settings.timed_steps, device)
+        times = time_steps(graphed or step, settings.timed_steps, device)
         median = statistics.median(times)
         point.update(step_s=median, step_s_min=min(times), step_s_max=max(times),
                      tokens_per_s=point["tokens"] / median, **measured_memory(device))
     except torch.OutOfMemoryError as err:
         point["oom"] = _oom_text(err)
-    del data, step  # outside the except: its traceback no longer pins the step's tensors
+    if graphed is not None:
+        graphed.release()
+    del data, step, graphed  # outside the except: its traceback no longer pins the step's tensors
     if "oom" in point:
         optimizer.zero_grad(set_to_none=True)
         free_device(device)
     return point
+
+
+def graphs_wanted(settings: ModelBenchSettings, device: torch.device) -> bool:
+    if settings.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError(f"--cuda-graph on needs a CUDA device, got {device}; use --cuda-graph auto or off")
+    return settings.cuda_graph == "on" or (settings.cuda_graph == "auto" and device.type == "cuda")
+
+
+def _capture(step: Callable[[], None], optimizer: torch.optim.Optimizer, settings: ModelBenchSettings,
+             device: torch.device, point: dict) -> GraphedStep | None:
+    """The step captured as a CUDA graph when --cuda-graph asks for it (point["cuda_graph"]: True, or
+    why not). Under "auto" a failed capture is recorded and the point runs uncaptured."""
+    if not graphs_wanted(settings, device):
+        point["cuda_graph"] = False
+        return None
+    errors = []
+    for _ in range(2):  # a second try: a first capture can trip over one-time lazy initialization
+        try:
+            graphed = GraphedStep(step, warmup=1)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            if settings.cuda_graph == "on":
+                raise
+            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+            torch.cuda.synchronize(device)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        point["cuda_graph"] = True if not errors else f"captured on the second try (first: {errors[0]})"
+        return graphed
+    point["cuda_graph"] = f"capture failed: {errors[-1]}"
+    log.warning("CUDA graph capture failed (%s); this point runs uncaptured", point["cuda_graph"])
+    return None
 
 
 def loglog_fit(points: list[dict]) -> dict | None:
@@ -129,6 +167,8 @@ def bench_model(name: str, cfg, settings: ModelBenchSettings, train: TrainConfig
     log.info("model %s: %.2fM params (%.2fM non-embedding)", name, record["params"] / 1e6,
              record["non_embedding_params"] / 1e6)
     optimizer = build_optimizer(model, train, device)
+    if graphs_wanted(settings, device):
+        make_capturable(optimizer)
     compiler = DynamicCompiler(model, settings.compile, device)
     for seq_len in settings.lengths:
         if time.perf_counter() > deadline:
@@ -198,7 +238,8 @@ def run_model_part(settings: ModelBenchSettings) -> dict:
     record = {"part": "model", "schema": 1, "complete": False, "environment": environment(device),
               "settings": {**dataclasses.asdict(settings), "out": None if settings.out is None else str(settings.out)},
               "step": "forward + backward + AdamW (fused on CUDA), bf16 autocast on CUDA, no clipping, "
-                      "no activation checkpointing, random token ids",
+                      "no activation checkpointing, random token ids; with cuda_graph, the whole step is "
+                      "captured once per point and replayed (AdamW capturable)",
               "strong_head": head, "models": {}}
     writer = PartialWriter(settings.out, "model")
     deadline = start + settings.max_seconds

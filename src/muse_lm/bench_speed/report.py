@@ -46,19 +46,26 @@ def _cell(p: dict | None, key: str, spec: str) -> str:
     return "OOM" if "oom" in p else _fmt(p.get(key), spec)
 
 
+def _graph_cell(rec: dict) -> str:
+    """Whether the model's steps ran as captured CUDA graphs: True, False, or which points failed why."""
+    states = {str(p["cuda_graph"]) for p in rec["points"] if "cuda_graph" in p}
+    return "-" if not states else states.pop()[:80] if len(states) == 1 else "mixed: " + "; ".join(sorted(states))[:80]
+
+
 def report_model(record: dict) -> str:
     models = record["models"]
     lengths = sorted({p["seq_len"] for rec in models.values() for p in rec["points"]})
     head = record["strong_head"]
     lines = [f"### model: training speed and memory against T ({record['settings']['tokens_per_step']:,} tokens "
              "per step)" + ("" if record["complete"] else " (INCOMPLETE: partial results)"), "", _where(record), "",
-             "| model | params | non-emb | head | compiled | log-log slope | time/token change | memory change |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | params | non-emb | head | compiled | CUDA graph | log-log slope | time/token change "
+             "| memory change |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rec in models.items():
         fit, comp = rec.get("fit") or {}, rec.get("compile", {})
         compiled = str(comp.get("compiled")) + (f" ({comp['error'][:60]})" if comp.get("error") else "")
         lines.append(f"| {name} | {rec['params'] / 1e6:.1f}M | {rec['non_embedding_params'] / 1e6:.2f}M | "
-                     f"{rec['head']} | {compiled} | {_fmt(fit.get('slope'), '.3f')} | "
+                     f"{rec['head']} | {compiled} | {_graph_cell(rec)} | {_fmt(fit.get('slope'), '.3f')} | "
                      f"{_fmt(fit.get('time_per_token_spread'), '+.1%')} | {_fmt(fit.get('peak_spread'), '+.1%')} |")
     for title, key, spec in (("tokens/s", "tokens_per_s", ",.0f"), ("peak GiB", "peak_gib", ".2f")):
         lines += ["", f"| {title} | " + " | ".join(f"T={t}" for t in lengths) + " |",
