@@ -514,6 +514,8 @@ def lce_backward(
     need_h: bool = True,
     need_w: bool = True,
     chunk_rows: int | None = None,
+    two_pass: bool | None = None,
+    dh_chunk_rows: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(dL/dh `[N, D]` in h's dtype, dL/dweight `[V, D]` in weight's dtype); None where not needed.
 
@@ -521,48 +523,102 @@ def lce_backward(
     Gradients accumulate in fp32 (atomics: results vary between runs in the last bits). A non-fp32
     weight's gradient is accumulated at most `chunk_rows` vocab rows at a time (default: 2**23
     elements) per `_dw_plan`; a 16-bit dW hosts its own fp32 chunks. Extra memory: `peak_memory_bytes`.
+
+    two_pass (default: when a 16-bit dh and dW are both needed): dh first, over row chunks that host
+    their fp32 accumulators in dh's own unwritten rows (`_dw_plan` over rows, at most
+    `dh_chunk_rows` rows a chunk), then dW over vocab chunks; the logits are recomputed once more
+    (8 N V D FLOPs instead of 6) and the backward needs no memory beyond the two gradients. One pass
+    keeps N x D fp32 dh accumulators (twice a 16-bit dh) alive while every vocab chunk runs.
     """
     h, weight, targets = h.contiguous(), weight.contiguous(), targets.contiguous()
     n, d = h.shape
-    v = weight.shape[0]
     dot_f32 = _dot_f32(h, weight)
     cfg = _resolve_config(config, h, dot_f32)
     token_grad = token_grad.to(torch.float32).contiguous()
     lse = lse.to(torch.float32).contiguous()
     coef = token_grad * (1 + 2 * z_loss * lse)  # softmax scale; 0 for ignored rows
-    dh_a, dh_b, rows_a = _dh_accumulators(n, d, h) if need_h else (coef, coef, n)
+    if two_pass is None:
+        two_pass = need_h and need_w and h.element_size() == 2 and weight.element_size() == 2
+    rows = (h, targets, lse, coef, token_grad)
+    if two_pass and need_h and need_w and n > 0:
+        return _dh_pass(rows, weight, cfg, dh_chunk_rows), _vocab_pass(rows, weight, cfg, chunk_rows, None, True)
+    dh_acc = _dh_accumulators(n, d, h) if need_h else None
     dw = None
-    if need_w and weight.dtype == torch.float32:
-        dw = torch.zeros(v, d, device=h.device, dtype=torch.float32)
-    elif need_w:
-        dw = _new_buffer((v, d), h.device, weight.dtype)
-    if n == 0 or not (need_h or need_w):
-        if dw is not None:
-            dw.zero_()
-        return (_finish_dh(dh_a, dh_b, n, d, h.dtype) if need_h else None), dw
-    plan = [(0, v, "")]  # no dW
     if need_w:
-        plan = _dw_plan(v, cfg.block_v, chunk_rows or _dw_chunk_rows(v, d, cfg.block_v), weight.dtype)
-    flat = dw.view(-1) if need_w else None
-    for start, stop, where in plan:
-        rows = stop - start
+        dw = _vocab_pass(rows, weight, cfg, chunk_rows, dh_acc, True)
+    elif need_h and n > 0:
+        _vocab_pass(rows, weight, cfg, chunk_rows, dh_acc, False)
+    return (_finish_dh(dh_acc[0], dh_acc[1], n, d, h.dtype) if need_h else None), dw
+
+
+def _dh_pass(rows: tuple, weight: Tensor, cfg: LCEConfig, chunk_rows: int | None) -> Tensor:
+    """dL/dh alone, row chunk by row chunk over the whole vocabulary (`lce_backward`'s first pass):
+    a 16-bit dh hosts each chunk's fp32 accumulators in its own unwritten rows (`_dw_plan`'s
+    in-place chunks, over rows), an fp32 dh is its own accumulator, other dtypes get fp32 chunks."""
+    h, targets, lse, coef, token_grad = rows
+    n, d = h.shape
+    v = weight.shape[0]
+    if h.dtype == torch.float32:
+        dh = torch.zeros(n, d, device=h.device, dtype=torch.float32)
+        launch_backward(h, weight, targets, lse, coef, token_grad, (dh, dh, n), coef, (0, v), cfg,
+                        need_h=True, need_w=False)
+        return dh
+    dh = _new_buffer((n, d), h.device, h.dtype)
+    flat = dh.view(-1)
+    for start, stop, where in _dw_plan(n, cfg.block_m, chunk_rows or n, h.dtype):
+        k = stop - start
+        if where == "in_place":  # fp32 over dh's rows [start, start + 2 k): start * D is even
+            buf = flat[start * d : (start + 2 * k) * d].view(torch.float32).view(k, d).zero_()
+        else:
+            buf = torch.zeros(k, d, device=h.device, dtype=torch.float32)
+        part = tuple(t[start:stop] for t in rows)
+        launch_backward(part[0], weight, part[1], part[2], part[3], part[4], (buf, buf, k), coef, (0, v), cfg,
+                        need_h=True, need_w=False)
+        if where == "in_place":
+            _narrow_in_place(buf.view(-1), flat[start * d : stop * d])
+        else:
+            dh[start:stop].copy_(buf)
+        del buf
+    return dh
+
+
+def _vocab_pass(rows: tuple, weight: Tensor, cfg: LCEConfig, chunk_rows: int | None, dh_acc: tuple | None,
+                need_w: bool) -> Tensor | None:
+    """One sweep over the vocabulary for every row: dL/dweight by vocab chunks (`_dw_plan`) when
+    `need_w`, each launch also adding its dL/dh into the fp32 accumulators `dh_acc` = (a, b,
+    rows_a) of `_dh_accumulators` when given (one pass; None: dW only). Without dW: one launch over
+    the whole vocabulary, dh only. Returns dW or None."""
+    h, targets, lse, coef, token_grad = rows
+    n, d = h.shape
+    v = weight.shape[0]
+    if not need_w:
+        launch_backward(h, weight, targets, lse, coef, token_grad, dh_acc, coef, (0, v), cfg,
+                        need_h=True, need_w=False)
+        return None
+    if weight.dtype == torch.float32:
+        dw = torch.zeros(v, d, device=h.device, dtype=torch.float32)
+    else:
+        dw = _new_buffer((v, d), h.device, weight.dtype)
+    if n == 0:
+        return dw.zero_()
+    flat = dw.view(-1)
+    for start, stop, where in _dw_plan(v, cfg.block_v, chunk_rows or _dw_chunk_rows(v, d, cfg.block_v), weight.dtype):
+        k = stop - start
         if where == "direct":
             buf = dw
         elif where == "in_place":
-            # fp32 over dW's rows [start, start + 2 rows): start * D is even (start is a multiple of BV).
-            buf = flat[start * d : (start + 2 * rows) * d].view(torch.float32).view(rows, d).zero_()
-        elif where == "separate":
-            buf = torch.zeros(rows, d, device=h.device, dtype=torch.float32)
+            # fp32 over dW's rows [start, start + 2 k): start * D is even (start is a multiple of BV).
+            buf = flat[start * d : (start + 2 * k) * d].view(torch.float32).view(k, d).zero_()
         else:
-            buf = coef  # unused: dW is not computed
-        launch_backward(h, weight, targets, lse, coef, token_grad, (dh_a, dh_b, rows_a), buf, (start, stop), cfg,
-                        need_h=need_h, need_w=need_w)
+            buf = torch.zeros(k, d, device=h.device, dtype=torch.float32)
+        launch_backward(h, weight, targets, lse, coef, token_grad, dh_acc or (coef, coef, n), buf, (start, stop), cfg,
+                        need_h=dh_acc is not None, need_w=True)
         if where == "in_place":
             _narrow_in_place(buf.view(-1), flat[start * d : stop * d])
         elif where == "separate":
             dw[start:stop].copy_(buf)
         del buf  # a separate buffer goes before the next is made
-    return (_finish_dh(dh_a, dh_b, n, d, h.dtype) if need_h else None), dw
+    return dw
 
 
 # Row vectors alive at the peak (lse, token weights, coef, the valid mask and temporaries), per row.
@@ -575,11 +631,12 @@ def peak_memory_bytes(
     """Expected peak bytes one forward + backward allocates beyond its inputs, gradients included
     (both h `[N, D]` and weight `[V, D]` of `dtype`, both needing gradients; default `chunk_rows`).
 
-    The backward's peak, while the last chunk runs: fp32 dh accumulators (N D 4) + dW (V D in
-    `dtype`; its unwritten rows host the fp32 chunks) + the largest transient (the last separate
-    dW chunk, < 2 BV rows, or a `_narrow_in_place` temporary) + row vectors. 16-bit dh is narrowed
-    inside the accumulators. `config`: default for a large-shared-memory GPU when None; `num_sms`
-    sizes the forward's vocab splits. Allocator rounding (<= 512 B per tensor) is not counted.
+    16-bit (two passes, see `lce_backward`): dh (N D) and dW (V D), each hosting its own fp32
+    chunks in its unwritten rows, + the largest transient (a separate tail chunk, < 2 BM rows of dh
+    or < 2 BV rows of dW in fp32, or a `_narrow_in_place` temporary) + row vectors. fp32: the
+    gradients are their own accumulators. `config`: default for a large-shared-memory GPU when
+    None; `num_sms` sizes the forward's vocab splits. Allocator rounding (<= 512 B per tensor) is
+    not counted.
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"peak_memory_bytes: dtype {dtype} is not modelled; use float32, float16 or bfloat16")
@@ -592,16 +649,18 @@ def peak_memory_bytes(
     splits = max(1, min(triton.cdiv(2 * num_sms, n_m), v_tiles))
     forward = vectors + 6 * splits * n * 4  # m, s, tgt partials and the combine's temporaries
     item = dtype.itemsize
-    transient = 0
-    if not dot_f32:
-        plan = _dw_plan(v, cfg.block_v, _dw_chunk_rows(v, d, cfg.block_v), dtype)
-        transient = max(
-            [(stop - start) * d * 4 for start, stop, where in plan if where == "separate"]
-            + [min((stop - start) * d, _NARROW_FIRST) * item for start, stop, where in plan if where == "in_place"]
-            + [min((n + 1) // 2 * d, _NARROW_FIRST) * item if n >= 2 else n * d * item]
-        )
-    backward = vectors + n * d * 4 + v * d * item + transient
-    return max(forward, backward)
+    if dot_f32:
+        return max(forward, vectors + (n + v) * d * 4)
+
+    def chunk_transient(plan) -> int:
+        return max([(stop - start) * d * 4 for start, stop, where in plan if where == "separate"]
+                   + [min((stop - start) * d, _NARROW_FIRST) * item for start, stop, where in plan
+                      if where == "in_place"] + [0])
+
+    dh_pass = vectors + n * d * item + chunk_transient(_dw_plan(n, cfg.block_m, n, dtype))
+    dw_pass = vectors + (n + v) * d * item + chunk_transient(_dw_plan(v, cfg.block_v, _dw_chunk_rows(v, d, cfg.block_v),
+                                                                       dtype))
+    return max(forward, dh_pass, dw_pass)
 
 
 class LinearCrossEntropyTriton(torch.autograd.Function):
