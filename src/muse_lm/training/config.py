@@ -31,6 +31,11 @@ class TrainConfig:
     # "bf16": autocast on CUDA with fp32 master weights; CPU runs always compute in fp32.
     dtype: str = "bf16"
     activation_checkpointing: bool = False
+    # torch.compile each block on its own (regional compilation, `training/compiling.py`): fused
+    # elementwise work and far fewer kernel launches; the first steps pay the compile. Not with
+    # activation checkpointing yet (a compiled block recomputed by torch.utils.checkpoint saves
+    # different tensors than its first pass).
+    compile: bool = False
     # FSDP2 with grad_accum > 1: reduce-scatter once per step instead of after every micro-batch.
     # Less gradient traffic, but every rank then holds the whole model's unsharded fp32 gradients
     # between micro-batches (DDP-sized), so it is off by default: FSDP is chosen for memory.
@@ -57,6 +62,9 @@ class TrainConfig:
                  "must be in [0, 1)")
         _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
+        _require(not (self.compile and self.activation_checkpointing), "compile", self.compile,
+                 "cannot be combined with activation_checkpointing yet: set activation_checkpointing=false "
+                 "(more memory) or compile=false")
         _require(self.checkpoint_every is None or (isinstance(self.checkpoint_every, int)
                                                    and self.checkpoint_every > 0),
                  "checkpoint_every", self.checkpoint_every, "must be a positive integer or None")

@@ -35,6 +35,7 @@ from muse_lm.errors import CheckpointError
 from muse_lm.io import list_checkpoints
 from muse_lm.training import fsdp
 from muse_lm.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from muse_lm.training.compiling import compile_blocks
 from muse_lm.training.config import TrainConfig
 from muse_lm.training.data import PackedBatches, heldout_batches
 from muse_lm.training.dcp import is_sharded_checkpoint, load_full_state, load_sharded_state, save_sharded_checkpoint
@@ -112,6 +113,8 @@ class Trainer:
         self.tokenizer_json = tokenizer_json
         self.run_config = run_config
         self.show_progress = progress
+        if cfg.compile:
+            compile_blocks(model)  # before FSDP2 wraps the blocks, as its hooks expect
         if self.parallel == "fsdp":
             # Sharded before `.to(device)`: FSDP2 moves one unit at a time to the mesh's device and
             # keeps only its shard there, so the whole model never sits on one GPU.
