@@ -1,0 +1,116 @@
+"""benchmarks/bench_mixer.py --smoke on the CPU: the JSON's structure, a finite time in every cell, the
+derived numbers and targets, and that an OOM in one cell is recorded instead of ending the run."""
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))  # bench_mixer imports bench_scans as a sibling script
+        return importlib.import_module("bench_mixer")
+
+
+@pytest.fixture(scope="module")
+def smoke(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixer") / "mixer.json"
+    return out, bench.main(["--smoke", "--out", str(out)])
+
+
+def _cells(node):
+    """Every measurement cell (a dict with "ms", "oom" or "error") anywhere in the JSON."""
+    if isinstance(node, dict):
+        if {"ms", "oom", "error"} & node.keys():
+            yield node
+        else:
+            for value in node.values():
+                yield from _cells(value)
+
+
+def test_smoke_writes_every_part_with_provenance(bench, smoke):
+    out, res = smoke
+    assert json.loads(out.read_text()) == res
+    assert res["smoke"] is True and res["parts_done"] == list(bench.PARTS)
+    assert res["torch"] == torch.__version__ and res["gpu"].startswith("none (CPU")
+    assert res["commit"] and res["settings"]["lengths"] == [16, 32] and res["settings"]["tokens"] == 256
+    assert set(res["scan"]) == set(res["layer"]) == {"T16", "T32"}
+    assert [res["scan"][k]["B"] for k in ("T16", "T32")] == [16, 8]
+    assert "skipped" in res["fla"]  # the smoke run never imports FLA
+    assert list(res)[-3:] == ["derived", "targets", "wall_s"]
+
+
+def test_every_smoke_cell_has_a_finite_time(smoke):
+    _, res = smoke
+    cells = list(_cells({k: res[k] for k in ("scan", "layer", "bandwidth")}))
+    assert len(cells) == 2 * 2 + 2 + 2  # ours and SDPA, the layer at each T; two bandwidth rows
+    for cell in cells:
+        assert set(cell) == {"ms"} and math.isfinite(cell["ms"]) and cell["ms"] > 0
+    for row in res["layer"].values():
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+    band = res["bandwidth"]
+    assert band["copy_gb_s"] > 0
+    for name in ("linear_recurrence", "bk_resolvent"):
+        assert band[name]["gb_s"] > 0 and math.isfinite(band[name]["fraction_of_copy"])
+
+
+def test_smoke_derived_numbers_and_targets(smoke):
+    _, res = smoke
+    derived, targets = res["derived"], res["targets"]
+    scan = res["scan"]
+    assert derived["ours_over_sdpa"]["T32"] == pytest.approx(scan["T32"]["ours"]["ms"] / scan["T32"]["sdpa"]["ms"])
+    per_token = derived["scan_per_token"]
+    assert per_token["measured_all"] and per_token["change_from_shortest"]["16"] == 0.0
+    assert per_token["ns_per_token"]["32"] == pytest.approx(1e6 * scan["T32"]["ours"]["ms"] / 256)
+    assert per_token["max_abs_change"] == pytest.approx(abs(per_token["change_from_shortest"]["32"]))
+    assert derived["ours_over_fla"] == {}
+    for name, target in targets.items():
+        if name == "all_met":
+            continue
+        assert set(target) == {"target", "value", "met"}
+        if name.startswith("scan_over_fla"):
+            assert target["value"] is None and target["met"] is None
+        else:
+            assert math.isfinite(target["value"]) and isinstance(target["met"], bool)
+    assert targets["scan_over_sdpa_T32"]["met"] == (targets["scan_over_sdpa_T32"]["value"] <= 0.25)
+    assert targets["all_met"] is False  # FLA was not measured
+
+
+def test_oom_in_a_cell_is_recorded_and_leaves_the_target_open(bench):
+    def make_step():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    cell = bench._cell(bench.SMOKE, make_step)
+    assert cell == {"oom": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    res = {"scan": {"T16": {"B": 16, "T": 16, "ours": {"ms": 2.0}, "sdpa": {"ms": 1.0}},
+                    "T32": {"B": 8, "T": 32, "ours": cell, "sdpa": {"ms": 1.0}}}}
+    derived = bench.derive(bench.SMOKE, res)
+    assert derived["ours_over_sdpa"] == {"T16": 2.0}
+    assert not derived["scan_per_token"]["measured_all"]
+    targets = bench.targets(bench.SMOKE, res, derived)
+    assert targets["scan_time_per_token_change"] == {**targets["scan_time_per_token_change"], "value": None,
+                                                     "met": None}
+    assert targets["scan_over_sdpa_T32"]["met"] is None
+
+
+def test_settings_reject_lengths_that_do_not_divide_the_tokens(bench):
+    with pytest.raises(ValueError, match="multiple of every T"):
+        bench.Settings(device="cpu", dtype=torch.float32, tokens=100, lengths=(16, 32), heads=2, head_dim=8, rank=8,
+                       fla_target_lengths=(16,), sdpa_target_length=32)
+    with pytest.raises(ValueError, match="not among lengths"):
+        bench.Settings(device="cpu", dtype=torch.float32, tokens=64, lengths=(16, 32), heads=2, head_dim=8, rank=8)
+
+
+def test_parts_run_in_their_fixed_order_and_unknown_parts_are_refused(bench, tmp_path, capsys):
+    res = bench.main(["--smoke", "--parts", "fla,bandwidth", "--out", str(tmp_path / "m.json")])
+    assert res["parts_done"] == ["bandwidth", "fla"] and "scan" not in res  # FLA always last
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--parts", "scan,attention", "--out", str(tmp_path / "x.json")])
+    assert "unknown ['attention']" in capsys.readouterr().err
