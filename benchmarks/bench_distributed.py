@@ -116,9 +116,17 @@ def _trainer(preset: str, parallel: str, info, run_dir: str, model_over: dict, t
                    parallel=parallel)
 
 
-def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> dict:
+def _compile_over(preset: str, compile_blocks: bool) -> dict:
+    """TrainConfig overrides for `--compile`: compiled blocks where the preset allows them (not with
+    activation checkpointing, see TrainConfig.compile)."""
+    from muse_lm.presets import get_preset
+
+    return {"compile": True} if compile_blocks and not get_preset(preset).train.activation_checkpointing else {}
+
+
+def _throughput(preset: str, parallel: str, info, steps: int, warmup: int, compile_blocks: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = _trainer(preset, parallel, info, run_dir, {}, {})
+        trainer = _trainer(preset, parallel, info, run_dir, {}, _compile_over(preset, compile_blocks))
         torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
             trainer.train_step()
@@ -139,6 +147,7 @@ def _throughput(preset: str, parallel: str, info, steps: int, warmup: int) -> di
                   "model_state_bytes": state, "params": trainer.model.num_parameters(),
                   "micro_batch_per_gpu": trainer.cfg.micro_batch, "grad_accum": trainer.cfg.grad_accum,
                   "tokens_per_step": trainer.tokens_per_step, "seq_len": trainer.cfg.seq_len,
+                  "compiled_blocks": trainer.cfg.compile,
                   "step_times_s": times}
         if info.world_size > 1:
             result["allreduce_grads_s"] = _allreduce_seconds(state["grads"] // 4, info)
@@ -241,7 +250,8 @@ def worker(job: dict) -> None:
     modes = ["none"] if info.world_size == 1 else ["ddp", "fsdp"]
     for preset in job["presets"]:
         for mode in modes:
-            results["throughput"].append(_throughput(preset, mode, info, job["steps"], job["warmup"]))
+            results["throughput"].append(_throughput(preset, mode, info, job["steps"], job["warmup"],
+                                                     job.get("compile", False)))
     if job.get("fit_budget_s") and info.world_size > 1:
         for mode in modes:
             results["fit"].append(_fit_search(mode, info, job["fit_budget_s"]))
@@ -426,7 +436,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (autotuning, allocator)")
     parser.add_argument("--fit-budget-s", type=float, default=60.0, help="seconds of layer search per mode")
-    parser.add_argument("--curve-steps", type=int, default=40)
+    parser.add_argument("--curve-steps", type=int, default=40, help="loss-curve steps; 0 skips the curves")
+    parser.add_argument("--compile", action="store_true",
+                        help="throughput with TrainConfig.compile (presets without activation checkpointing); "
+                             "the first warm-up steps then include compilation")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -436,17 +449,20 @@ def main() -> None:
         raise SystemExit(f"bench_distributed needs 2 GPUs; this machine has {torch.cuda.device_count()}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = {"presets": list(PRESETS), "steps": args.steps, "warmup": args.warmup}
+    job = {"presets": list(PRESETS), "steps": args.steps, "warmup": args.warmup, "compile": args.compile}
     t0 = time.perf_counter()
-    single = _run_workers(1, job, timeout=180)
-    pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s}, timeout=180 + 2 * args.fit_budget_s + 60)
+    worker_s = 420 if args.compile else 180
+    single = _run_workers(1, job, timeout=worker_s)
+    pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s}, timeout=worker_s + 2 * args.fit_budget_s + 60)
     throughput = single.get("throughput", []) + pair.get("throughput", [])
     partial = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
                "fit": pair.get("fit", []), "loss_curves": "not run yet (the run stopped before them)"}
     (out_dir / "distributed.json").write_text(json.dumps(partial, indent=2) + "\n")  # kept if stopped later
     print(json.dumps(partial["summary"]), flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        curves = _loss_curves(Path(work), args.curve_steps, timeout=240)
+    curves = "skipped (--curve-steps 0)"
+    if args.curve_steps > 0:
+        with tempfile.TemporaryDirectory() as work:
+            curves = _loss_curves(Path(work), args.curve_steps, timeout=240)
     result = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
               "fit": pair.get("fit", []), "loss_curves": curves,
               "workers": {"1gpu": {k: single[k] for k in ("ok", "wall_s", "error") if k in single},
@@ -454,7 +470,8 @@ def main() -> None:
               "total_s": time.perf_counter() - t0,
               "command": "PYTHONPATH=src python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])}
     (out_dir / "distributed.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(curves, out_dir / "distributed_loss.png")
+    if isinstance(curves, dict):
+        _plot(curves, out_dir / "distributed_loss.png")
     print(json.dumps({"summary": result["summary"], "fit": [{k: f[k] for k in ("parallel", "max_layers_fit")}
                                                             for f in result["fit"]],
                       "total_s": result["total_s"]}))
