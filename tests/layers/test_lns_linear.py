@@ -216,3 +216,20 @@ def test_tiny_muse_with_trainable_lns_ffns_trains_like_the_float_model():
     assert f_end < f_start - 1.0  # the task is learnable in this budget
     assert (l_start - l_end) >= 0.8 * (f_start - f_end)
     assert abs(l_end - f_end) < 0.1
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_every_linear_converted_model_runs_its_lns_projections(trainable):
+    """convert_to_lns(model, "all") also converts the AR-SSM's in_proj, whose plain-Linear fast path
+    (a padded GEMM on the weight) must then give way to the LNS layer's own forward."""
+    torch.manual_seed(0)
+    model = MuseLM(MuseConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_rank=8, min_rank=2, bk_heads=2,
+                              tt_rank=4))
+    convert_to_lns(model, "all", trainable=trainable)
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer.in_proj, LNSLinear)
+    calls = []
+    mixer.in_proj.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    ids = torch.randint(0, 64, (2, 9))
+    loss = model(ids, ids)
+    assert torch.isfinite(loss) and calls == [(2, 9, mixer.in_proj.out_features)]

@@ -115,3 +115,24 @@ def test_compiled_ar_ssm_block_has_no_graph_break_on_the_kernel_path(monkeypatch
     block = MuseLM(cfg).blocks[0]
     explanation = torch._dynamo.explain(block)(torch.randn(2, 9, 32))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+@interp
+def test_unused_outputs_send_no_zero_filled_gradients(monkeypatch):
+    """Only y is used: the backward op gets grad_final None, not a zero-filled [B,H,R,P] tensor (nor
+    one for the [B,H,NC,R,P] entering states)."""
+    from muse_lm.ops.semiseparable import custom_ops
+
+    seen = []
+    real = custom_ops.semiseparable_backward
+
+    def spy(x, u, v, log_a, states, grad_y, grad_final, chunk_size):
+        seen.append(grad_final)
+        return real(x, u, v, log_a, states, grad_y, grad_final, chunk_size)
+
+    monkeypatch.setattr(custom_ops, "semiseparable_backward", spy)
+    x, u, v, log_a, _ = _scan_inputs(False)
+    x.requires_grad_()
+    y, _ = semiseparable_scan(x, u, v, log_a, chunk_size=16, impl="triton")
+    y.sum().backward()
+    assert seen == [None] and x.grad is not None

@@ -35,9 +35,11 @@ class GraphedStep:
             make no host sync (a sync inside a capture is an error, raised here).
         warmup: uncaptured calls of `step` on a side stream first (at least 1: autotuning and
             compilation must not happen during the capture).
+        pool: `torch.cuda.graph_pool_handle()` shared with other graphs that are never replayed
+            concurrently with this one, or None for a private pool.
     """
 
-    def __init__(self, step: Callable[[], object], warmup: int = 2) -> None:
+    def __init__(self, step: Callable[[], object], warmup: int = 2, pool: tuple | None = None) -> None:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be >= 1: the first call compiles and autotunes")
         side = torch.cuda.Stream()
@@ -50,7 +52,12 @@ class GraphedStep:
         # thread_local: a CUDA call another thread makes meanwhile (Inductor's and Triton's compile
         # workers right after a first compile) does not invalidate this capture; the backward's
         # kernels still land in it (they run on the capturing stream).
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # Captured on the warm-up stream: its cuBLAS workspaces exist already, so none is carved
+        # out of the graph's private pool (where a global cache would pin it). `pool`: a pool
+        # shared by the graphs of one benchmark model, replayed one at a time, so a pool that
+        # outlives its graph (PyTorch keeps a failed capture's pool for the life of the process)
+        # is reused by the next capture instead of adding to it.
+        with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             step()
 
     def __call__(self) -> None:

@@ -71,7 +71,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
 
 
 def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: Compiler, seq_len: int,
-                  settings: ModelBenchSettings, device: torch.device) -> dict:
+                  settings: ModelBenchSettings, device: torch.device, pool: tuple | None = None) -> dict:
     """One (model, T): warm-up steps, then timed steps whose peak memory is measured (the cache is
     emptied and the peak reset in between, so compile/autotune transients are not counted)."""
     batch = settings.tokens_per_step // seq_len
@@ -84,7 +84,7 @@ def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: 
         t0 = time.perf_counter()
         for _ in range(settings.warmup_steps):
             compiler.call(step, cleanup=lambda: optimizer.zero_grad(set_to_none=True))
-        graphed = _capture(step, optimizer, settings, device, point)
+        graphed = _capture(step, optimizer, settings, device, point, pool)
         _sync(device)
         point["warmup_s"] = time.perf_counter() - t0
         free_device(device)
@@ -99,7 +99,7 @@ def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: 
     del data, step, graphed  # outside the except: its traceback no longer pins the step's tensors
     if "oom" in point:
         optimizer.zero_grad(set_to_none=True)
-        free_device(device)
+    free_device(device)  # the next point starts from an emptied cache, its graph's memory returned
     return point
 
 
@@ -110,7 +110,7 @@ def graphs_wanted(settings: ModelBenchSettings, device: torch.device) -> bool:
 
 
 def _capture(step: Callable[[], None], optimizer: torch.optim.Optimizer, settings: ModelBenchSettings,
-             device: torch.device, point: dict) -> GraphedStep | None:
+             device: torch.device, point: dict, pool: tuple | None = None) -> GraphedStep | None:
     """The step captured as a CUDA graph when --cuda-graph asks for it (point["cuda_graph"]: True, or
     why not). Under "auto" a failed capture is recorded and the point runs uncaptured."""
     if not graphs_wanted(settings, device):
@@ -119,7 +119,7 @@ def _capture(step: Callable[[], None], optimizer: torch.optim.Optimizer, setting
     errors = []
     for _ in range(2):  # a second try: a first capture can trip over one-time lazy initialization
         try:
-            graphed = GraphedStep(step, warmup=1)
+            graphed = GraphedStep(step, warmup=1, pool=pool)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as err:
@@ -167,14 +167,16 @@ def bench_model(name: str, cfg, settings: ModelBenchSettings, train: TrainConfig
     log.info("model %s: %.2fM params (%.2fM non-embedding)", name, record["params"] / 1e6,
              record["non_embedding_params"] / 1e6)
     optimizer = build_optimizer(model, train, device)
+    pool = None
     if graphs_wanted(settings, device):
         make_capturable(optimizer)
+        pool = torch.cuda.graph_pool_handle()  # one per model: its points' graphs reuse it in turn
     compiler = DynamicCompiler(model, settings.compile, device)
     for seq_len in settings.lengths:
         if time.perf_counter() > deadline:
             point = {"seq_len": seq_len, "skipped": f"the part's time cap ({settings.max_seconds:.0f} s) was spent"}
         else:
-            point = measure_point(model, optimizer, compiler, seq_len, settings, device)
+            point = measure_point(model, optimizer, compiler, seq_len, settings, device, pool)
         record["points"].append(point)
         record["compile"] = compiler.record()
         log.info("model %s T=%d: %s", name, seq_len, _point_line(point))

@@ -188,7 +188,10 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         B, T, _ = x.shape
         H, R, P = self.num_heads, self.rank, self.head_dim
         xc, conv_tail = self._conv(x, state)
-        vals, u, v, dt, g = _aligned_linear(xc, self.in_proj.weight).split(self._splits, dim=-1)
+        # A plain Linear's GEMM runs with its output padded; anything else (an LNSLinear after
+        # convert_to_lns, a wrapped layer) through its own forward.
+        proj = _aligned_linear(xc, self.in_proj.weight) if type(self.in_proj) is nn.Linear else self.in_proj(xc)
+        vals, u, v, dt, g = proj.split(self._splits, dim=-1)
         gate_logits = g.float() + self.gate_bias
         gate = rank_gate(gate_logits, self.gate_mode, training=self.training,
                          temperature=self.gumbel_temperature, min_rank=self.min_rank).to(u.dtype)

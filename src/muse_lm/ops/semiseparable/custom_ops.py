@@ -61,6 +61,8 @@ def _setup_context(ctx, inputs, output) -> None:
     x, u, v, log_a, initial_state, chunk_size = inputs
     _, _, states = output
     ctx.mark_non_differentiable(states)
+    # An unused output's gradient arrives as None (not a zero-filled [B,H,NC,R,P] fp32 tensor per layer).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, u, v, log_a, states)
     ctx.chunk_size, ctx.has_init = chunk_size, initial_state is not None
 
@@ -76,6 +78,9 @@ ssd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 def semiseparable_custom(x: Tensor, u: Tensor, v: Tensor, log_a: Tensor, initial_state: Tensor | None,
                          chunk_size: int) -> tuple[Tensor, Tensor]:
-    """(y, final state) through the custom ops; differentiable in every tensor input."""
+    """(y, final state) through the custom ops; differentiable in every tensor input. The inputs are
+    made contiguous here, outside the op, so the tensors it saves for backward are the copies (the
+    kernels need them contiguous) and the backward does not copy them again."""
+    x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
     y, final, _ = ssd_forward(x, u, v, log_a, initial_state, chunk_size)
     return y, final

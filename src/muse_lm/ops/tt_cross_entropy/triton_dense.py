@@ -14,11 +14,13 @@ tile, forms dl = g_i * ((1 + 2 z lse_i) * softmax - onehot) (0 for ignored rows 
 per D chunk adds dl @ W[tile] into dh and (h[tile]^T @ dl)^T into dW with fp32 atomics. Float
 atomics add in whatever order programs arrive, so gradients are nondeterministic in the last bits.
 
-Memory (`peak_memory_bytes`): beyond the gradients themselves only the fp32 dh accumulators (N x D
-x 4) and < 2 MiB. dW of a 16-bit weight is accumulated one vocab chunk (<= `_DW_CHUNK_ELEMENTS`)
-per launch in an fp32 view of dW's own still-unwritten rows, then narrowed onto the chunk's rows in
-place (`_dw_plan`, `_narrow_in_place`); a 16-bit dh accumulates in two fp32 halves and is narrowed
-into the first half's bytes (`_finish_dh`), so no fp32 copy of either gradient outlives the op.
+Memory (`peak_memory_bytes`): dW of a 16-bit weight is accumulated one vocab chunk (<=
+`_DW_CHUNK_ELEMENTS`) per launch in an fp32 view of dW's own still-unwritten rows, then narrowed onto
+the chunk's rows in place (`_dw_plan`, `_narrow_in_place`). A 16-bit backward needing both
+gradients runs in two passes (`lce_backward`): dh first, by row chunks hosted the same way in dh's
+unwritten rows, then dW; beyond the gradients only < 2 MiB. The one-pass backward (other dtypes,
+one gradient) keeps fp32 dh accumulators (N x D x 4), a 16-bit dh narrowed into their first half's
+bytes (`_finish_dh`), so no fp32 copy of either gradient outlives the op.
 
 Math is fp32 (accumulate fp32); 16-bit inputs of one dtype feed tl.dot directly (tensor cores),
 anything else is cast to fp32 in the kernel and multiplied with input_precision="ieee". The loss
