@@ -5,19 +5,12 @@ T = 1,000,000 with K 4 (finite, |G| <= 1/Im z, equal to bk_triton.py's kernel). 
 
 import pytest
 import torch
-
-from muse_lm.ops.scan.bk import bk_resolvent_reference
+from test_bk_gpu import _reference, _rel  # the fp64 reference and error measure of bk_triton's GPU tests
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TOL = {"g": 1e-4, "grad_v": 1e-4, "grad_z": 1e-4}
 Z4 = [0.3 + 0.05j, -1.2 + 0.7j, 2.0 + 0.2j, 3.9 + 0.1j]
-
-
-def _rel(a, b):
-    a = a.to(torch.complex128) if a.is_complex() else a.double()
-    b = b.to(torch.complex128) if b.is_complex() else b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _problem(b, t, k, seed):
@@ -26,13 +19,6 @@ def _problem(b, t, k, seed):
     z = torch.tensor([Z4[i % 4] for i in range(k)], dtype=torch.complex64, device="cuda")
     grad_g = torch.randn(b, t, k, device="cuda", generator=gen, dtype=torch.complex64)
     return v, z, grad_g
-
-
-def _reference(v, z, grad_g):
-    vd = v.detach().double().requires_grad_()
-    zd = z.detach().to(torch.complex128).requires_grad_()
-    g = bk_resolvent_reference(vd, zd)
-    return (g.detach(), *torch.autograd.grad(g, (vd, zd), grad_g.to(torch.complex128)))
 
 
 def _poison(shape):

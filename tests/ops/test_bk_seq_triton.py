@@ -10,9 +10,9 @@ tests/ops/test_bk_triton.py; tests/gpu/test_bk_seq_gpu.py runs the same checks a
 
 import pytest
 import torch
+from test_bk_triton import naive_forward, reference_grads, rel  # fp64 definitions shared with bk_triton's tests
 
 from muse_lm.ops._dispatch import interpreter_enabled
-from muse_lm.ops.scan.bk import bk_resolvent_reference
 
 pytest.importorskip("triton")
 
@@ -24,36 +24,11 @@ TOL_G = 1e-4
 TOL_GRAD = 1e-4
 
 
-def rel(a, b):
-    """max |a - b| / max |b| (complex or real, compared in fp64)."""
-    a = a.to(torch.complex128) if a.is_complex() else a.double()
-    b = b.to(torch.complex128) if b.is_complex() else b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def problem(b, t, k, seed, scale=1.5):
     gen = torch.Generator().manual_seed(seed)
     v = scale * torch.randn(b, t, k, generator=gen)
     grad_g = torch.randn(b, t, k, generator=gen, dtype=torch.complex64)
     return v, grad_g
-
-
-def reference_grads(v, z, grad_g):
-    """(G, grad v, grad z) in fp64 by autograd through the reference scan."""
-    vd = v.detach().double().requires_grad_()
-    zd = z.detach().to(torch.complex128).requires_grad_()
-    g = bk_resolvent_reference(vd, zd)
-    return (g.detach(), *torch.autograd.grad(g, (vd, zd), grad_g.to(torch.complex128)))
-
-
-def naive_forward(v, z):
-    """fp64 G_t = 1 / (2 + v_t - z - G_{t-1}), [B,T,K]."""
-    c = (2 + v.double()).to(torch.complex128) - z.to(torch.complex128)
-    g, out = torch.zeros_like(c[:, 0]), []
-    for t in range(c.shape[1]):
-        g = 1 / (c[:, t] - g)
-        out.append(g)
-    return torch.stack(out, 1)
 
 
 def check_pair(cfg, v, z, grad_g, nseg):

@@ -192,6 +192,27 @@ def test_two_pass_backward_matches_one_pass_and_fp64(dh_chunk_rows, poisoned):
 
 
 @interp
+@pytest.mark.parametrize("n", [1, 33, 257])
+def test_two_pass_in_place_16bit_dh_chunks_equal_one_pass(n, poisoned):
+    """fp16 h with a bf16 weight keeps both gradients 16-bit while the kernel multiplies in fp32 (which
+    the interpreter computes right): the two-pass dh then hosts its fp32 row chunks in its own unwritten
+    rows (in-place chunks, then a separate tail), and must equal the one-pass gradients exactly."""
+    from muse_lm.ops.tt_cross_entropy.triton_dense import CONFIGS, lce_backward, lce_forward
+
+    gen = torch.Generator().manual_seed(n)
+    h = torch.randn(n, 40, generator=gen).half()
+    w = (0.2 * torch.randn(300, 40, generator=gen)).bfloat16()
+    t = torch.randint(0, 300, (n,), generator=gen)
+    cfg = CONFIGS[4]
+    lse, _ = lce_forward(h.float(), w.float(), t, cfg)
+    token_grad = torch.full((n,), 1.0 / n)
+    two = lce_backward(h, w, t, lse, token_grad, 0.01, cfg, two_pass=True)
+    one = lce_backward(h, w, t, lse, token_grad, 0.01, cfg, two_pass=False)
+    for a, b, dtype in zip(two, one, (torch.float16, torch.bfloat16), strict=True):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+@interp
 @pytest.mark.parametrize(
     ("h_dtype", "w_dtype"),
     [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],

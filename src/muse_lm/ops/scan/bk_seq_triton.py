@@ -58,7 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
-from muse_lm.ops.scan.bk_triton import _check_inputs
+from muse_lm.ops.scan.bk_triton import BKConfig, _check_inputs
 
 __all__ = [
     "CONFIGS",
@@ -77,22 +77,14 @@ MAX_NSEG = 128
 
 
 @dataclass(frozen=True)
-class BKSeqConfig:
-    """Launch shape: CT time steps per tile, BK channels per program, warps per program."""
-
-    chunk: int
-    block_k: int
-    num_warps: int
+class BKSeqConfig(BKConfig):
+    """`BKConfig`'s launch shape (CT time steps per tile, BK channels per program, warps per
+    program), with tiles of at least 4 steps: pass 1 normalizes its map every 4 steps."""
 
     def __post_init__(self):
-        for name in ("chunk", "block_k"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"BKSeqConfig: {name}={value} must be a power of two (tl.arange tiles)")
+        super().__post_init__()
         if self.chunk < 4:
             raise ValueError(f"BKSeqConfig: chunk={self.chunk} must be at least 4 (pass 1 normalizes every 4 steps)")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"BKSeqConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
 
 
 # Declared once: the autotuner's search space on CUDA, each checked by tests/gpu/test_bk_seq_gpu.py.

@@ -30,6 +30,7 @@ is fp32; gradients come back in the inputs' dtypes. The whole op is free of host
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -553,34 +554,53 @@ def lce_backward(
     return (_finish_dh(dh_acc[0], dh_acc[1], n, d, h.dtype) if need_h else None), dw
 
 
+def _fp32_chunks(out: Tensor, plan: list[tuple[int, int, str]], fill: Callable[[int, int, Tensor], None]) -> None:
+    """Accumulates `out` `[rows, D]` chunk by chunk in fp32 as `_dw_plan` says: for each (start, stop,
+    where), `fill(start, stop, acc)` adds into the zeroed fp32 accumulator acc `[stop - start, D]`,
+    which is then written into out[start:stop]. "direct": acc is (the zeroed fp32) `out` itself;
+    "in_place": the fp32 view of out's still-unwritten rows [start, start + 2 (stop - start)), later
+    narrowed onto rows [start, stop) (start * D is even: start is a multiple of the plan's block);
+    "separate": a fresh buffer, freed before the next is made."""
+    d = out.shape[1]
+    flat = out.view(-1)
+    for start, stop, where in plan:
+        k = stop - start
+        if where == "direct":
+            acc = out
+        elif where == "in_place":
+            acc = flat[start * d : (start + 2 * k) * d].view(torch.float32).view(k, d).zero_()
+        else:
+            acc = torch.zeros(k, d, device=out.device, dtype=torch.float32)
+        fill(start, stop, acc)
+        if where == "in_place":
+            _narrow_in_place(acc.view(-1), flat[start * d : stop * d])
+        elif where == "separate":
+            out[start:stop].copy_(acc)
+        del acc
+
+
+def _gradient_buffer(rows: int, d: int, like: Tensor) -> Tensor:
+    """`[rows, D]` in like's dtype for `_fp32_chunks`: zeroed when fp32 (its own accumulator), else
+    left for the chunks to write (`_new_buffer`)."""
+    if like.dtype == torch.float32:
+        return torch.zeros(rows, d, device=like.device, dtype=torch.float32)
+    return _new_buffer((rows, d), like.device, like.dtype)
+
+
 def _dh_pass(rows: tuple, weight: Tensor, cfg: LCEConfig, chunk_rows: int | None) -> Tensor:
     """dL/dh alone, row chunk by row chunk over the whole vocabulary (`lce_backward`'s first pass):
-    a 16-bit dh hosts each chunk's fp32 accumulators in its own unwritten rows (`_dw_plan`'s
-    in-place chunks, over rows), an fp32 dh is its own accumulator, other dtypes get fp32 chunks."""
+    a 16-bit dh hosts each chunk's fp32 accumulators in its own unwritten rows (`_dw_plan` over
+    rows), an fp32 dh is its own accumulator, other dtypes get fp32 chunks."""
     h, targets, lse, coef, token_grad = rows
     n, d = h.shape
-    v = weight.shape[0]
-    if h.dtype == torch.float32:
-        dh = torch.zeros(n, d, device=h.device, dtype=torch.float32)
-        launch_backward(h, weight, targets, lse, coef, token_grad, (dh, dh, n), coef, (0, v), cfg,
-                        need_h=True, need_w=False)
-        return dh
-    dh = _new_buffer((n, d), h.device, h.dtype)
-    flat = dh.view(-1)
-    for start, stop, where in _dw_plan(n, cfg.block_m, chunk_rows or n, h.dtype):
-        k = stop - start
-        if where == "in_place":  # fp32 over dh's rows [start, start + 2 k): start * D is even
-            buf = flat[start * d : (start + 2 * k) * d].view(torch.float32).view(k, d).zero_()
-        else:
-            buf = torch.zeros(k, d, device=h.device, dtype=torch.float32)
-        part = tuple(t[start:stop] for t in rows)
-        launch_backward(part[0], weight, part[1], part[2], part[3], part[4], (buf, buf, k), coef, (0, v), cfg,
-                        need_h=True, need_w=False)
-        if where == "in_place":
-            _narrow_in_place(buf.view(-1), flat[start * d : stop * d])
-        else:
-            dh[start:stop].copy_(buf)
-        del buf
+    dh = _gradient_buffer(n, d, h)
+
+    def fill(start: int, stop: int, acc: Tensor) -> None:
+        part = [t[start:stop] for t in rows]
+        launch_backward(part[0], weight, part[1], part[2], part[3], part[4], (acc, acc, stop - start), coef,
+                        (0, weight.shape[0]), cfg, need_h=True, need_w=False)
+
+    _fp32_chunks(dh, _dw_plan(n, cfg.block_m, chunk_rows or n, h.dtype), fill)
     return dh
 
 
@@ -597,29 +617,15 @@ def _vocab_pass(rows: tuple, weight: Tensor, cfg: LCEConfig, chunk_rows: int | N
         launch_backward(h, weight, targets, lse, coef, token_grad, dh_acc, coef, (0, v), cfg,
                         need_h=True, need_w=False)
         return None
-    if weight.dtype == torch.float32:
-        dw = torch.zeros(v, d, device=h.device, dtype=torch.float32)
-    else:
-        dw = _new_buffer((v, d), h.device, weight.dtype)
+    dw = _gradient_buffer(v, d, weight)
     if n == 0:
         return dw.zero_()
-    flat = dw.view(-1)
-    for start, stop, where in _dw_plan(v, cfg.block_v, chunk_rows or _dw_chunk_rows(v, d, cfg.block_v), weight.dtype):
-        k = stop - start
-        if where == "direct":
-            buf = dw
-        elif where == "in_place":
-            # fp32 over dW's rows [start, start + 2 k): start * D is even (start is a multiple of BV).
-            buf = flat[start * d : (start + 2 * k) * d].view(torch.float32).view(k, d).zero_()
-        else:
-            buf = torch.zeros(k, d, device=h.device, dtype=torch.float32)
-        launch_backward(h, weight, targets, lse, coef, token_grad, dh_acc or (coef, coef, n), buf, (start, stop), cfg,
+
+    def fill(start: int, stop: int, acc: Tensor) -> None:
+        launch_backward(h, weight, targets, lse, coef, token_grad, dh_acc or (coef, coef, n), acc, (start, stop), cfg,
                         need_h=dh_acc is not None, need_w=True)
-        if where == "in_place":
-            _narrow_in_place(buf.view(-1), flat[start * d : stop * d])
-        elif where == "separate":
-            dw[start:stop].copy_(buf)
-        del buf  # a separate buffer goes before the next is made
+
+    _fp32_chunks(dw, _dw_plan(v, cfg.block_v, chunk_rows or _dw_chunk_rows(v, d, cfg.block_v), weight.dtype), fill)
     return dw
 
 
