@@ -17,9 +17,12 @@ work) starts `torchrun --nproc_per_node {1,2}` workers (this file with `--worker
   bytes allocated between two micro-batches of a step (`allocated_mid_step_gib_per_gpu`: under
   FSDP2 that includes the unsharded gradients accumulated before the step's one reduce-scatter);
 - fit: on 2 GPUs, the most layers of the 24gb preset's width that train (2 steps, activation
-  checkpointing on, micro-batch 1, grad_accum 1) with DDP and with FSDP2: doubling from 96, then
-  bisection, within `--fit-budget-s` per mode, timed and decided by rank 0 alone (`first_failing_layers:
-  null` means the budget ran out first: `max_layers_fit` is then a lower bound);
+  checkpointing on, micro-batch 1, grad_accum 1) with DDP and with FSDP2 under a per-GPU memory cap
+  (`--fit-gib`, default 24: a 24 GB card; at 80 GB each try builds billions of weights on the CPU
+  and the search outruns its budget): from the size whose measured model state fills 80% of the cap,
+  growing by 1.25 while it fits, then bisection, within `--fit-budget-s` per mode, timed and decided
+  by rank 0 alone (`first_failing_layers: null` means the budget ran out first: `max_layers_fit` is
+  then a lower bound);
 - loss curve: `muse train --preset 8gb` for `--curve-steps` steps (grad_accum 1, to keep it
   short) on 1 GPU (micro-batch 8) and on 2 GPUs with FSDP2 (micro-batch 4 each: the same global
   batch), then the 2-GPU run resumed on 1 GPU from its middle checkpoint (same global batch: the
@@ -200,26 +203,48 @@ def _fits(parallel: str, layers: int, info) -> bool:
     return bool(ok.item())
 
 
-def _next_layers(layers: int, lo: int, hi: int | None, elapsed_s: float, budget_s: float) -> int | None:
+def _next_layers(layers: int, lo: int, hi: int | None, elapsed_s: float, budget_s: float,
+                 grow: float = 2.0) -> int | None:
     """The next size to try after `layers` (lo: largest that fit so far, hi: smallest that did
     not), or None to stop: the budget is spent, or the bracket is within 1/8 of lo."""
     if elapsed_s >= budget_s:
         return None
     if hi is None:
-        return layers * 2
+        return max(layers + 1, int(layers * grow))
     if hi - lo <= max(4, lo // 8):
         return None
     return (lo + hi) // 2
 
 
-def _fit_search(parallel: str, info, budget_s: float) -> dict:
+def _layer_params(n_layers: int) -> int:
+    """Parameters of the 24gb preset's model with `n_layers` blocks, counted on the meta device."""
+    from muse_lm.models import MuseLM
+    from muse_lm.presets import get_preset
+
+    cfg = dataclasses.replace(get_preset("24gb").model, n_layers=n_layers)
+    with torch.device("meta"):  # counted without building (and initializing) billions of weights
+        return sum(p.numel() for p in MuseLM(cfg).parameters())
+
+
+def first_guess_layers(state_bytes_per_param: float, cap_bytes: float, fixed: int, per_layer: int,
+                       margin: float = 0.8) -> int:
+    """Where the fit search starts: the layers whose model state (measured bytes per parameter of
+    this parallel mode, from its throughput row) fills `margin` of the memory cap; the rest is left
+    for activations (micro-batch 1, checkpointed), the allocator and NCCL. At least 1."""
+    params = margin * cap_bytes / state_bytes_per_param
+    return max(1, int((params - fixed) // per_layer))
+
+
+def _fit_search(parallel: str, info, budget_s: float, start_layers: int = 96, grow: float = 2.0) -> dict:
     """Collective: every rank runs the same tries. Whether to go on, and with what size, is
     decided by rank 0 alone (its clock, its bookkeeping) and broadcast: ranks timing the budget
-    on their own clocks could disagree about one more try and wait in different collectives."""
+    on their own clocks could disagree about one more try and wait in different collectives.
+    start_layers: the first try (96 is ~1.2B parameters at the 24gb width; `first_guess_layers`
+    starts near the answer); grow: the factor while every try has fit."""
     from muse_lm.training.distributed import broadcast_object
 
     start, lo, hi, tried = time.perf_counter(), 0, None, []
-    layers: int | None = 96  # ~1.2B parameters at the 24gb width: doubling reaches 80 GB in a few tries
+    layers: int | None = start_layers
     while layers is not None:
         fits = _fits(parallel, layers, info)  # the same on every rank (a MIN all-reduce)
         tried.append({"n_layers": layers, "fits": fits})
@@ -227,18 +252,38 @@ def _fit_search(parallel: str, info, budget_s: float) -> dict:
             lo = layers
         else:
             hi = layers
-        nxt = _next_layers(layers, lo, hi, time.perf_counter() - start, budget_s) if info.is_main else None
+        nxt = _next_layers(layers, lo, hi, time.perf_counter() - start, budget_s, grow) if info.is_main else None
         layers = broadcast_object(nxt, info)
-    from muse_lm.models import MuseLM
     from muse_lm.presets import get_preset
 
-    cfg = dataclasses.replace(get_preset("24gb").model, n_layers=max(lo, 1))
-    with torch.device("meta"):  # counted without building (and initializing) billions of weights
-        params = sum(p.numel() for p in MuseLM(cfg).parameters()) if lo else 0
-    return {"parallel": parallel, "gpus": info.world_size, "d_model": cfg.d_model, "micro_batch_per_gpu": 1,
+    params = _layer_params(lo) if lo else 0
+    return {"parallel": parallel, "gpus": info.world_size, "d_model": get_preset("24gb").model.d_model,
+            "micro_batch_per_gpu": 1,
             "grad_accum": FIT_GRAD_ACCUM, "max_layers_fit": lo,
             "first_failing_layers": hi, "params_at_max": params, "tried": tried,
             "budget_s": budget_s, "searched_s": time.perf_counter() - start}
+
+
+def _fit_all(modes: list[str], info, job: dict, rows: list[dict]) -> list[dict]:
+    """The fit search of each mode under a per-process memory cap of `fit_gib` (a 24 GB card by default:
+    the cards this project is for, and tries small enough to build in seconds; 0 = the whole GPU).
+    The cap bounds PyTorch's caching allocator; the CUDA context and NCCL's buffers come on top."""
+    total = torch.cuda.get_device_properties(info.local_rank).total_memory
+    cap = job.get("fit_gib", 0) * 2**30 or total
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), info.local_rank)
+    fixed, per_layer = _layer_params(1), _layer_params(2) - _layer_params(1)
+    fixed -= per_layer
+    out = []
+    for mode in modes:
+        row = next((r for r in rows if r["preset"] == "24gb" and r["parallel"] == mode), None)
+        start = 96
+        if row is not None:
+            per_param = row["model_state_bytes"]["total"] / row["params"]
+            start = first_guess_layers(per_param, cap, fixed, per_layer)
+        result = _fit_search(mode, info, job["fit_budget_s"], start_layers=start, grow=1.25)
+        out.append({**result, "memory_cap_gib": cap / 2**30, "start_layers": start})
+    torch.cuda.set_per_process_memory_fraction(1.0, info.local_rank)
+    return out
 
 
 def worker(job: dict) -> None:
@@ -253,8 +298,7 @@ def worker(job: dict) -> None:
             results["throughput"].append(_throughput(preset, mode, info, job["steps"], job["warmup"],
                                                      job.get("compile", False)))
     if job.get("fit_budget_s") and info.world_size > 1:
-        for mode in modes:
-            results["fit"].append(_fit_search(mode, info, job["fit_budget_s"]))
+        results["fit"] = _fit_all(modes, info, job, results["throughput"])
     if info.is_main:
         Path(job["out"]).write_text(json.dumps(results))
     distributed.barrier(info)
@@ -338,12 +382,23 @@ def _loss_curves(work: Path, steps: int, timeout: float) -> dict:
     out["one_gpu"] = _call(_train_cmd(1, one, *common, "--set", "micro_batch=8"), timeout)
     out["two_gpus_fsdp"] = _call(_train_cmd(2, two, *common, "--set", "micro_batch=4", "--parallel", "fsdp"),
                                  timeout)
+    # The noise floor: the same global batch on 1 GPU as 2 micro-batches of 4 (the 2-GPU split, without
+    # a second GPU). Its gap to the 1-GPU curve is bf16 rounding order alone, the yardstick for the 2-GPU gap.
+    floor = work / "gpu1_accum2"
+    out["one_gpu_accum2"] = _call(_train_cmd(1, floor, *common, "--set", "micro_batch=4", "--set", "grad_accum=2"),
+                                  timeout)
     if not (out["one_gpu"]["ok"] and out["two_gpus_fsdp"]["ok"]):
         return out
     a, b = _losses(one), _losses(two)
     out["loss_one_gpu"], out["loss_two_gpus"] = a, b
     shared = sorted(set(a) & set(b))
     out["max_abs_loss_diff"] = max(abs(a[s] - b[s]) for s in shared)
+    out["mean_abs_loss_diff"] = sum(abs(a[s] - b[s]) for s in shared) / len(shared)
+    if out["one_gpu_accum2"]["ok"]:
+        c = out["loss_one_gpu_accum2"] = _losses(floor)
+        both = sorted(set(a) & set(c))
+        out["noise_floor_max_abs_loss_diff"] = max(abs(a[s] - c[s]) for s in both)
+        out["noise_floor_mean_abs_loss_diff"] = sum(abs(a[s] - c[s]) for s in both) / len(both)
     # On the CPU: one step with a short batch (it shows the checkpoint loads and trains there).
     cpu_extra = ["--stop-at", str(mid + 1), "--set", "seq_len=256", "--set", "eval_batches=1"]
     for target, device, extra in ((resumed, "cuda", []), (cpu, "cpu", cpu_extra)):
@@ -375,7 +430,8 @@ def _plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss_one_gpu", "1 GPU, micro-batch 8"), ("loss_two_gpus", "2 GPUs FSDP2, 4 + 4")):
+    for key, label in (("loss_one_gpu", "1 GPU, micro-batch 8"), ("loss_two_gpus", "2 GPUs FSDP2, 4 + 4"),
+                       ("loss_one_gpu_accum2", "1 GPU, 2 x micro-batch 4 (noise floor)")):
         data = curves.get(key) or {}
         ax.plot(list(map(int, data)), list(data.values()), label=label)
     resumed = (curves.get("resume_on_one_gpu") or {}).get("losses_after_resume") or {}
@@ -440,6 +496,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="throughput with TrainConfig.compile (presets without activation checkpointing); "
                              "the first warm-up steps then include compilation")
+    parser.add_argument("--fit-gib", type=float, default=24.0,
+                        help="memory cap per GPU of the fit search in GiB (a 24 GB card; 0 = the whole GPU)")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help=f"comma list of the presets to time (default {','.join(PRESETS)})")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -449,11 +509,15 @@ def main() -> None:
         raise SystemExit(f"bench_distributed needs 2 GPUs; this machine has {torch.cuda.device_count()}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    job = {"presets": list(PRESETS), "steps": args.steps, "warmup": args.warmup, "compile": args.compile}
+    presets = [p for p in args.presets.split(",") if p]
+    if not presets or set(presets) - set(PRESETS):
+        parser.error(f"--presets takes a comma list of {', '.join(PRESETS)}, got {args.presets!r}")
+    job = {"presets": presets, "steps": args.steps, "warmup": args.warmup, "compile": args.compile}
     t0 = time.perf_counter()
     worker_s = 420 if args.compile else 180
     single = _run_workers(1, job, timeout=worker_s)
-    pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s}, timeout=worker_s + 2 * args.fit_budget_s + 60)
+    pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s, "fit_gib": args.fit_gib},
+                        timeout=worker_s + 2 * args.fit_budget_s + 60)
     throughput = single.get("throughput", []) + pair.get("throughput", [])
     partial = {"environment": _environment(), "throughput": throughput, "summary": _summary(throughput),
                "fit": pair.get("fit", []), "loss_curves": "not run yet (the run stopped before them)"}

@@ -1,6 +1,7 @@
 """BK resolvent on one GPU: the sequential kernels (`bk_seq_triton.py`) vs the scan kernels (`bk_triton.py`).
 
-Shapes (B, T, K): (16, 8192, 512) (the bandwidth benchmark) and (16, 1024, 4) (the model). For each shape:
+Shapes (B, T, K): (16, 8192, 512) (the bandwidth benchmark), K 128/64/32 (where the dispatch's
+crossover, `prefers_seq`, lies) and (16, 1024, 4) (the model). For each shape:
 both pairs (autotuned) against each other (max |err| / max |other|), then median ms (`do_bench`) of
 the forward and of the backward of both, and a device copy moving the same bytes in the same run
 (forward: v read + G written = 12 B/token; backward: G and grad G read + grad v written = 20 B/token),
@@ -25,7 +26,7 @@ from muse_lm.ops.scan.bk_seq_triton import bk_resolvent_backward_seq, bk_resolve
 from muse_lm.ops.scan.bk_triton import bk_resolvent_backward, bk_resolvent_forward
 from muse_lm.provenance import git_commit
 
-SHAPES = [(16, 8192, 512), (16, 1024, 4)]
+SHAPES = [(16, 8192, 512), (16, 8192, 128), (16, 8192, 64), (16, 8192, 32), (16, 1024, 4)]
 Z = [0.3 + 0.05j, -1.2 + 0.7j, 2.0 + 0.2j, 1.0 + 1.0j]
 TOL = 1e-4
 BYTES_PER_TOKEN = {"fwd": 4 + 8, "bwd": 8 + 8 + 4}

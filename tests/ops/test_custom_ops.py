@@ -72,6 +72,33 @@ def test_bk_opcheck_and_fp64():
 
 
 @interp
+def test_bk_op_runs_the_sequential_pair_on_many_channels(monkeypatch):
+    """B * K >= SEQ_MIN_CHANNELS routes forward and backward to `bk_seq_triton` (the scan pair is never
+    called), with values and gradients equal to the fp64 reference."""
+    from muse_lm.ops.scan import bk_custom_ops, bk_resolvent
+    from muse_lm.ops.scan.bk_seq_triton import SEQ_MIN_CHANNELS, prefers_seq
+
+    b, t, k = 2, 9, SEQ_MIN_CHANNELS // 2
+    assert prefers_seq((b, t, k)) and not prefers_seq((b, t, k - 1))
+    calls = []
+    for name in ("bk_resolvent_forward", "bk_resolvent_backward"):
+        monkeypatch.setattr(bk_custom_ops, name, lambda *a, name=name, **kw: calls.append(name))
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(b, t, k, generator=g).requires_grad_()
+    z = (0.5 + torch.rand(k, generator=g) + 1j * (0.2 + torch.rand(k, generator=g))).to(torch.complex64)
+    z.requires_grad_()
+    out = bk_resolvent(v, z, impl="triton")
+    grad = torch.randn(b, t, k, dtype=torch.complex64, generator=g)
+    got = torch.autograd.grad((out * grad.conj()).real.sum(), (v, z))
+    v64, z64 = v.detach().double().requires_grad_(), z.detach().to(torch.complex128).requires_grad_()
+    ref = bk_resolvent(v64, z64, impl="torch")
+    want = torch.autograd.grad((ref * grad.to(torch.complex128).conj()).real.sum(), (v64, z64))
+    assert calls == []
+    for a, w in zip((out, *got), (ref, *want), strict=True):
+        assert (a.to(w.dtype) - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+@interp
 def test_fullgraph_compile_through_the_custom_ops():
     """fullgraph=True raises on any graph break: the dispatch, the checks and both ops trace."""
     from muse_lm.ops.scan.bk_triton import bk_resolvent_triton

@@ -142,6 +142,19 @@ def _triton_configs() -> list[triton.Config]:
     return [triton.Config({"CT": c.chunk, "BK": c.block_k}, num_warps=c.num_warps) for c in CONFIGS]
 
 
+SEQ_MIN_CHANNELS = 1024
+
+
+def prefers_seq(shape: tuple[int, ...]) -> bool:
+    """Whether the autotuned dispatch runs this pair for a [B,T,K] problem: with B * K >= SEQ_MIN_CHANNELS
+    channels the sequential recurrence is memory-bound and beats the scan pair (H100, B 16 K 512 T 8192:
+    fwd 0.40 vs 2.29 ms, bwd 0.82 vs 1.46 ms); with few channels (B 16, K 4) the scan is ~4x faster.
+    Only those two ends are measured: 1024 (8 channels per SM) is a guess at the crossover, which
+    `benchmarks/check_bk_seq_gpu.py` times at K 32/64/128 (its values there agreed to 1e-5)."""
+    b, _, k_dim = shape
+    return b * k_dim >= SEQ_MIN_CHANNELS
+
+
 def plan_segments(b: int, k_dim: int, t: int, sm_count: int, align: int = CT_ALIGN) -> tuple[int, int]:
     """(NSEG, SEG) for a [B,T,K] problem on `sm_count` SMs: the rule in the module docstring.
     SEG is a multiple of `align`; NSEG = ceil(T / SEG) >= 1."""
