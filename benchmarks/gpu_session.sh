@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call per issue: every GPU check and benchmark of that part, each under its own time limit,
+# so a slow step cannot starve the rest of the call (10 minutes). Logs go to $OUT/PART.log, results to
+# $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
+# matplotlib) are installed from .whl/ when it was carried.
+#
+#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|model_bench|dist
+#
+# A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
+set -u
+PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|model_bench|dist}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src
+LOG="$OUT/$PART.log"
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs it, prints its last lines
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  tail -n 4 "$LOG" | grep -v "^===" || true
+}
+
+pytest_gpu() { python3 -m pytest -q -p no:cacheprovider "$@"; }
+
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$LOG"
+case "$PART" in
+  scans)
+    step fused_check 120 python3 benchmarks/check_semiseparable_gpu.py --out "$OUT/semiseparable.json"
+    step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
+    step prune 90 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
+    step bk_seq_check 90 python3 benchmarks/check_bk_seq_gpu.py --out "$OUT/bk_seq.json"
+    ;;
+  scan_tests)
+    step ssd_tests 240 pytest_gpu tests/gpu/test_semiseparable_gpu.py
+    step linrec_tests 120 pytest_gpu tests/gpu/test_linear_recurrence_gpu.py
+    step bk_tests 200 pytest_gpu tests/gpu/test_bk_gpu.py tests/gpu/test_bk_seq_gpu.py
+    ;;
+  htt)
+    step htt_bench 300 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
+    step htt_tests 260 pytest_gpu tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
+    ;;
+  model)
+    step graphed_tests 200 pytest_gpu tests/gpu/test_graphed_step_gpu.py \
+      -k "matches_eager_steps or refuses_a_stepped or gives_the_pool_back"
+    step memory 360 python3 benchmarks/validate_memory.py --max-seconds 330 --out "$OUT"
+    ;;
+  model_bench)
+    step model 570 python3 -m muse_lm bench --only model --cuda-graph auto --max-seconds 540 --out "$OUT"
+    ;;
+  dist)
+    step fit 420 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
+      --fit-budget-s 150 --curve-steps 0
+    ;;
+  *) echo "unknown part $PART (scans, scan_tests, htt, model, model_bench, dist)"; exit 2 ;;
+esac
