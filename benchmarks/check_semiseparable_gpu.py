@@ -10,8 +10,12 @@ config, so few extra compiles): packed documents (cu_seqlens, lengths 1..70 over
 against the fp64 reference with both state walks and timed against the same tokens unpacked; B 1,
 T 65536, H 12 with the two-level walk over chunk states vs the one-level walk (the walk alone and the
 whole forward / forward+backward, checked against each other and the fp64 reference); the one-token
-step kernel vs the torch step at B 1, 8, 64. Writes one JSON object with the GPU name, versions and git
-commit. Meant to finish in under 3 minutes on an H100 (most of it compiling and autotuning).
+step kernel vs the torch step at B 1, 8, 64. Then the fused chunk-state walk (`fused_states=True`) vs the
+unfused default at the mixer shapes (bf16, 65536 tokens, H 16, P = R = 64, T 2048 and 8192): y, the
+final state, the entering states and every gradient of one against the other and against the fp64
+reference, and the median ms of the forward and of forward+backward of both. Writes one JSON object
+with the GPU name, versions and git commit. Meant to finish in a few minutes on an H100 (most of it
+compiling and autotuning).
 
     PYTHONPATH=src python3 benchmarks/check_semiseparable_gpu.py --out $OUT/ssd.json
 """
@@ -47,6 +51,9 @@ NAMES = ("y", "final", "x", "u", "v", "log_a", "initial_state")
 LONG = (1, 65536, 12, 64, 32)  # B, T, H, P, R: the second level's regime
 PACKED_TOKENS, PACKED_MAX_LEN = 16384, 70
 STEP_BATCHES = (1, 8, 64)
+# The mixer's shapes for the fused walk: 65536 tokens a step as (B, T), H 16, P = R = 64.
+FUSED_TOKENS, FUSED_T, FUSED_HEADS, FUSED_DIM = 65536, (2048, 8192), 16, 64
+FUSED_SAME_TOL = 1e-4  # fused vs unfused, bf16 data: the same tf32 products summed in another order
 
 
 def _rel(a, b) -> float:
@@ -210,6 +217,48 @@ def second_level() -> dict:
     return out
 
 
+def _fused_walk_shape(b: int, t: int) -> dict:
+    """One mixer shape, bf16: fused_states=True vs the default (unfused) walk, checked against each other
+    and the fp64 reference, then timed (forward, forward+backward; no initial state, as in the model)."""
+    h, p = FUSED_HEADS, FUSED_DIM
+    x, u, v, log_a, h0, dy, dfinal = _problem(b, t, h, p, p, torch.bfloat16, seed=t)
+    want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal)
+    got = {}
+    for fused in (False, True):
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, fused_states=fused)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, fused_states=fused)
+        got[fused] = (y, f, *grads, states)
+    same = {n: _rel(a, b_) for n, a, b_ in zip((*NAMES, "states"), got[True], got[False])}
+    finite = all(bool(torch.isfinite(g).all()) for g in got[True])
+    checks = dict(fused_vs_unfused=dict(rel_err=same, finite=finite,
+                                        ok=finite and all(e <= FUSED_SAME_TOL for e in same.values())))
+    for fused in (False, True):
+        errs = _errors(got[fused][:-1], want)
+        checks[f"fused_states={fused}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
+    del want, got
+    timings = {}
+    for fused in (False, True):
+        fwd = lambda fused=fused: semiseparable_forward(x, u, v, log_a, None, CHUNK, fused_states=fused)  # noqa: E731
+        bwd = lambda res, fused=fused: semiseparable_backward(  # noqa: E731
+            x, u, v, log_a, res[2], dy, None, CHUNK, fused_states=fused)
+        timings[f"fused_states={fused}"] = _bench_pair(fwd, bwd)
+    one, two = timings["fused_states=False"], timings["fused_states=True"]
+    timings["speedup_fused"] = {k: one[k] / two[k] for k in ("fwd_ms", "fwd_bwd_ms")}
+    return dict(checks=checks, timings=timings)
+
+
+def fused_walk() -> dict:
+    """The fused chunk-state walk at the mixer shapes (65536 tokens as B x T, H 16, P = R = 64)."""
+    out = {}
+    for t in FUSED_T:
+        b = FUSED_TOKENS // t
+        key = f"B{b}-T{t}-H{FUSED_HEADS}-P{FUSED_DIM}-R{FUSED_DIM}-bf16"
+        out[key] = _fused_walk_shape(b, t)
+        print("fused_states", key, json.dumps(out[key]), flush=True)
+        torch.cuda.empty_cache()
+    return out
+
+
 def step_kernel() -> dict:
     """One decode token, H 12, R 32, P 64, fp32 state: the kernel vs the torch reference step."""
     _, _, h, p, r = LONG
@@ -256,13 +305,16 @@ def main() -> None:
         key = "B{}-T{}-H{}-P{}-R{}-bf16".format(*shape)
         result["timings"][key] = time_shape(shape)
         print(key, json.dumps(result["timings"][key]), flush=True)
-    for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel)):
+    for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel),
+                     ("fused_states", fused_walk)):
         result[name] = fn()
         print(name, json.dumps(result[name]), flush=True)
         torch.cuda.empty_cache()
     result["all_ok"] = result["all_ok"] and all(
         r["ok"] for part in ("cu_seqlens", "second_level") for r in result[part]["checks"].values() if "ok" in r
-    ) and all(r["ok"] for r in result["step"].values())
+    ) and all(r["ok"] for r in result["step"].values()) and all(
+        r["ok"] for shape in result["fused_states"].values() for r in shape["checks"].values()
+    )
     result["wall_s"] = time.time() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -3,7 +3,9 @@ boundaries, fp32 and bf16 inputs, y, the final state and every gradient vs the f
 NaN-poisoned first), strong decays, the configs kept under a 99 KB shared-memory cap, the autotuned
 public op with autograd at the 8gb layer's shape, the AR-SSM layer training on it, packed documents
 (cu_seqlens, hundreds of 0..70-token documents), the one- and two-level walks over chunk states at
-long T, the one-token step kernel, and impl=None choosing the kernels on CUDA. Skipped without CUDA."""
+long T, the fused chunk-state walk (fused_states=True: the shape/dtype tests again, and every declared
+walk config NaN-poisoned against the unfused walk), the one-token step kernel, and impl=None choosing
+the kernels on CUDA. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # Max |error| / max |reference|: fp32 inputs keep fp32 products; bf16 rounds the tensor-core operands.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 NAMES = ("x", "u", "v", "log_a", "initial_state")
+# The walk over chunk states: the chunk kernel + `state_pass` (default), or the fused walk.
+WALKS = {"unfused": {}, "fused": {"fused_states": True}}
 
 
 def _rel(a, b):
@@ -41,7 +45,7 @@ def _reference(x, u, v, log_a, h0, dy, dfinal):
 
 
 def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
-    """kw: cu_seqlens, two_levels for the kernels."""
+    """kw: cu_seqlens, two_levels, fused_states for the kernels."""
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
     x, u, v, log_a, h0, dy, dfinal = args
@@ -59,9 +63,10 @@ def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
     assert all(torch.equal(a, b) for a, b in zip(grads, again)), cfg
 
 
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("t", [1, 7, 63, 64, 65, 1000, 4097])
-def test_every_config_matches_fp64_reference(t, dtype):
+def test_every_config_matches_fp64_reference(t, dtype, walk):
     """Every config at T = 1, 65 and 4097; the other lengths with the first config only. Each distinct
     T specializes and compiles every kernel of every config again, which is what made this module
     run for minutes: the union still covers every length and every config several times."""
@@ -70,13 +75,14 @@ def test_every_config_matches_fp64_reference(t, dtype):
     args = _problem(2, t, 3, 32, 64, dtype, seed=t)
     ref = _reference(*args)
     for cfg in CONFIGS if t in (1, 65, 4097) else CONFIGS[:1]:
-        _check_config(cfg, args, ref, dtype)
+        _check_config(cfg, args, ref, dtype, **WALKS[walk])
 
 
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 130, 2, 5, 40), (3, 77, 1, 17, 100), (1, 300, 4, 64, 128)],
                          ids=lambda s: "B{}-T{}-H{}-R{}-P{}".format(*s))
-def test_odd_ranks_and_head_dims_with_strong_decays(shape, dtype):
+def test_odd_ranks_and_head_dims_with_strong_decays(shape, dtype, walk):
     """R and P not powers of two (and P over two blocks), log_a down to -20 per token next to a stretch
     with no decay at all."""
     from muse_lm.ops.semiseparable.triton import CONFIGS
@@ -85,7 +91,7 @@ def test_odd_ranks_and_head_dims_with_strong_decays(shape, dtype):
     args[3][:, shape[1] // 3 : shape[1] // 2] = 0.0
     ref = _reference(*args)
     for cfg in CONFIGS:
-        _check_config(cfg, args, ref, dtype)
+        _check_config(cfg, args, ref, dtype, **WALKS[walk])
 
 
 def test_configs_kept_for_a_99kb_card_run_and_match():
@@ -185,8 +191,8 @@ def test_cu_seqlens_many_short_documents_every_config_both_walks(dtype):
     args, cu = _packed(lengths.tolist(), 3, 32, 64, dtype, seed=5)
     ref = _packed_reference(args, cu)
     for cfg in CONFIGS:
-        for two_levels in (False, True):
-            _check_config(cfg, args, ref, dtype, cu_seqlens=cu, two_levels=two_levels)
+        for walk in (dict(two_levels=False), dict(two_levels=True), dict(fused_states=True)):
+            _check_config(cfg, args, ref, dtype, cu_seqlens=cu, **walk)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -226,6 +232,67 @@ def test_two_level_walk_at_long_t_matches_one_level_and_reference(t):
         outs[two_levels] = (y, final, states, *grads)
     for one, two in zip(outs[False], outs[True]):
         assert _rel(two, one) < 1e-5
+
+
+def _unfused_walk(a, b, log_a, init, n_seq, table, reverse, chunk=64):
+    """The path the fused walk replaces: `_chunk_state_kernel` (autotuned) then the one-level
+    `state_pass`. Returns (states [B,H,NC,R,P], finals [n_seq,H,R,P]), fp32."""
+    from muse_lm.ops.semiseparable.state_pass import state_pass
+    from muse_lm.ops.semiseparable.triton import (
+        _chunk_state_kernel,
+        _chunk_state_tuned,
+        _launch_chunks,
+        _prec,
+        _r_block,
+    )
+
+    bsz, t, h, r = a.shape
+    p = b.shape[-1]
+    nc = -(-t // chunk) if table is None else table.shape[0]
+    states = torch.empty(bsz, h, nc, r, p, device="cuda")
+    g = torch.empty(bsz * h, nc, device="cuda")
+    tab = g if table is None else table
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, (bsz, t, h, p, r, nc), None, (a, b, log_a, states, g, tab),
+                   FROM_START=reverse, C=chunk, RB=_r_block(r), PREC=_prec(a.dtype), VARLEN=table is not None)
+    return states, state_pass(states, g, init, n_seq, h, table, reverse=reverse, two_levels=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 1, 3, 32, 64), (2, 65, 3, 32, 64), (3, 4097, 2, 17, 100), (1, 300, 4, 64, 128)],
+                         ids=lambda s: "B{}-T{}-H{}-R{}-P{}".format(*s))
+def test_fused_walk_every_config_matches_the_unfused_walk(shape, dtype):
+    """Every declared `FusedStatesConfig`, forward (u, x) and backward (v, dY, reverse) walks, plain and
+    packed (0..70-token documents, per-document initial states), written into NaN-filled states and
+    finals: finite and equal to `_chunk_state_kernel` + the one-level `state_pass`. fp32 products are
+    exact, so only the summation order differs (1e-5); bf16 runs tf32 products on possibly different
+    tensor-core instructions (1e-4)."""
+    from muse_lm.ops.semiseparable.fused_states import CONFIGS, fused_chunk_states
+    from muse_lm.ops.semiseparable.state_pass import chunk_table
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    x, u, v, log_a, h0, dy, dfinal = _problem(*shape, dtype, decay=(-20.0, 0.0), seed=sum(shape))
+    log_a[:, shape[1] // 3 : shape[1] // 2] = 0.0
+    b, _, h, r, p = shape
+    cases = [(u, x, log_a, h0, b, None, False), (v, dy, log_a, dfinal, b, None, True)]
+    if b == 1:
+        gen = torch.Generator().manual_seed(7)
+        lengths = torch.randint(0, 71, (shape[1],), generator=gen)
+        lengths = lengths[: int((lengths.cumsum(0) <= shape[1]).sum())]
+        lengths[-1] += shape[1] - int(lengths.sum())
+        cu = torch.tensor([0, *lengths.cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+        table = chunk_table(cu, 64, cu.device)
+        n = len(lengths)
+        inits = torch.randn(2, n, h, r, p, device="cuda")
+        cases += [(u, x, log_a, inits[0], n, table, False), (v, dy, log_a, inits[1], n, table, True)]
+    for a, bb, la, init, n_seq, table, reverse in cases:
+        want_states, want_final = _unfused_walk(a, bb, la, init, n_seq, table, reverse)
+        for cfg in (None, *CONFIGS):  # None: the autotuned launch
+            states = torch.full_like(want_states, float("nan"))
+            final = torch.full_like(want_final, float("nan"))
+            fused_chunk_states(a, bb, la, states, init, n_seq, 64, table, reverse=reverse, config=cfg, final=final)
+            where = (cfg, reverse, table is not None)
+            assert torch.isfinite(states).all() and torch.isfinite(final).all(), where
+            assert _rel(states, want_states) < tol and _rel(final, want_final) < tol, where
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

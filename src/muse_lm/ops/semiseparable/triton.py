@@ -411,9 +411,19 @@ def _layout(x: Tensor, u: Tensor, chunk_size: int, cu_seqlens: Tensor | None):
     return (b, t, h, p, u.shape[-1], table.shape[0]), chunk, table, cu_seqlens.numel() - 1
 
 
-def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out):
+def _fused_walk(fused_states: bool | None, two_levels: bool | None, shape: tuple) -> bool:
+    """Whether the chunk states come from `fused_states.py`'s fused walk instead of `_chunk_state_kernel`
+    + `state_pass` (None: its policy, `use_fused_states`). Imported here: it imports this module."""
+    from muse_lm.ops.semiseparable.fused_states import resolve_fused_states
+
+    b, _, h, p, r, nc = shape
+    return resolve_fused_states(fused_states, two_levels, b * h, nc, r * p)
+
+
+def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
+    fused = _fused_walk(fused_states, two_levels, shape)
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
@@ -423,21 +433,28 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out):
         out.zero_()
         final = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
         return out, (final if initial_state is None else final + initial_state), states
-    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-    tab = g if table is None else table
-    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
-    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g, tab),
-                   FROM_START=False, **meta)
     init = None if initial_state is None else initial_state.contiguous()
-    final = state_pass(states, g, init, n_seq, h, table, reverse=False, two_levels=two_levels)
+    meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
+    if fused:
+        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
+
+        final = fused_chunk_states(u, x, log_a, states, init, n_seq, chunk, table, reverse=False)
+        tab = states if table is None else table  # never read without VARLEN
+    else:
+        g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+        tab = g if table is None else table
+        _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g, tab),
+                       FROM_START=False, **meta)
+        final = state_pass(states, g, init, n_seq, h, table, reverse=False, two_levels=two_levels)
     _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out, tab),
                    **meta)
     return out, final, states
 
 
-def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels):
+def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels, fused_states=None):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
+    fused = _fused_walk(fused_states, two_levels, shape)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: every gradient is empty or zero
         d_init = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
         if grad_final is not None:  # an empty state (or no token in the way) passes its gradient through
@@ -448,11 +465,17 @@ def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_le
     dfinal = None if grad_final is None else grad_final.to(torch.float32).contiguous()
     meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
     dstates = torch.empty_like(states)
-    g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-    tab = g if table is None else table
-    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g, tab),
-                   FROM_START=True, **meta)
-    d_init = state_pass(dstates, g, dfinal, n_seq, h, table, reverse=True, two_levels=two_levels)
+    if fused:
+        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
+
+        d_init = fused_chunk_states(v, dy, log_a, dstates, dfinal, n_seq, chunk, table, reverse=True)
+        tab = states if table is None else table  # never read without VARLEN
+    else:
+        g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
+        tab = g if table is None else table
+        _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g, tab),
+                       FROM_START=True, **meta)
+        d_init = state_pass(dstates, g, dfinal, n_seq, h, table, reverse=True, two_levels=two_levels)
     dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
     dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
     _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx, tab), **meta)
@@ -473,6 +496,7 @@ def semiseparable_forward(
     out: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     two_levels: bool | None = None,
+    fused_states: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no
     autograd.
@@ -480,13 +504,17 @@ def semiseparable_forward(
     x [B,T,H,P], u, v [B,T,H,R] (one dtype: fp32/bf16/fp16), log_a [B,T,H] fp32, initial_state
     [B|N,H,R,P] fp32 or None. cu_seqlens [N+1] (B = 1): packed sequences, each in its own chunks (NC
     counts them all). two_levels: the walk over chunk states in two levels (True), one (False) or
-    chosen by `state_pass.use_two_levels` (None). `out` (contiguous, shaped and typed like x) is
-    written in place when given (tests poison it). The entering states are what the backward needs.
+    chosen by `state_pass.use_two_levels` (None). fused_states: the chunk states from the one-level walk
+    fused with each chunk's contribution (`fused_states.py`; True, exclusive with two_levels=True), the
+    unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; off for now). `config`
+    sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config. `out`
+    (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
+    entering states are what the backward needs.
     """
     _check_kernel_inputs(x, log_a, initial_state)
     x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
     layout = _layout(x, u, chunk_size, cu_seqlens)
-    return _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out)
+    return _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states)
 
 
 def semiseparable_backward(
@@ -502,13 +530,15 @@ def semiseparable_backward(
     *,
     cu_seqlens: Tensor | None = None,
     two_levels: bool | None = None,
+    fused_states: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, du, dv in x's dtype, d log_a fp32, d initial_state [B|N,H,R,P] fp32) from the forward's
     inputs (the same cu_seqlens), its entering states and the gradients of y and of the final state
-    (None means zero)."""
+    (None means zero). two_levels, fused_states: the walk over the states' gradients, as in
+    `semiseparable_forward` (either walk may follow either forward)."""
     x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
     layout = _layout(x, u, chunk_size, cu_seqlens)
-    return _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels)
+    return _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels, fused_states)
 
 
 class SemiseparableTriton(torch.autograd.Function):

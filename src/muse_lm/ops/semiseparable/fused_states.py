@@ -1,0 +1,324 @@
+"""The SSD scan's chunk-state walk fused with each chunk's own contribution: one kernel in place of
+`triton._chunk_state_kernel` + `state_pass.state_pass(..., two_levels=False)`, same outputs.
+
+Why: the chunk kernels of `triton.py` are memory-bound, and the fp32 chunk states [B,H,NC,R,P] are
+most of their traffic. Unfused, the forward writes every chunk's local contribution, the one-level
+walk reads it back and overwrites it with the entering state, and the output kernel reads that; the
+backward does the same with the states' gradients. Here the local contribution is formed in
+registers inside the walk, so one full write and one full read of the states go away in each
+direction: at bf16, 65536 tokens, 16 heads, P = R = 64, chunk 64 about 1 GB of the scan's ~5 GB
+(fwd+bwd on an H100 took 2.85 ms unfused against 1.49 ms for flash-linear-attention's
+chunk_linear_attn). Whether it is faster is not yet measured on a GPU, so it is off by default
+(`FUSED_STATES_BY_DEFAULT`).
+
+The walk (notation of `state_pass.py`'s docstring). Program (row b*h, P-block, R-block) keeps its
+[BR, BP] tile of the state e in fp32 registers (local = (diag(w) A)^T B is separable by rows of R and
+columns of P, so the blocks are independent) and walks the row's chunks in order, from the end when
+REVERSE. For chunk c of sequence n, with cum the inclusive cumulative log-decay from the chunk's first
+token and g its total:
+
+    local_c = (diag(w) A_c)^T B_c           one tl.dot [BR, C] x [C, BP]
+    e       = init_n  (or 0)                if the walk enters sequence n at c
+    states[b,h,c] = e
+    e       = exp(g_c) e + local_c
+    final_n = e                             if the walk leaves sequence n at c
+
+Forward: A = u, B = x, w = e^(g - cum), init = the initial state; states[c] is the state entering
+chunk c. Backward (REVERSE): A = v, B = dY, w = e^cum, init = the final state's gradient; states[c]
+is the gradient of the state leaving c and final is d initial_state. Exponents are differences of
+cumulative log-decays <= 0, as everywhere in `triton.py`. Packed sequences (cu_seqlens, B = 1) read
+each chunk's span and flags from `state_pass.chunk_table` and mask rows past the sequence's end like
+`triton.py`. Only the one-level walk has a fused form: the two-level walk needs the local
+contributions of whole groups before its carry pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops.semiseparable.triton import _device_smem, _dot, _load_chunk_decay, _load_f32, _prec, _rows
+
+__all__ = [
+    "CONFIGS",
+    "FUSED_STATES_BY_DEFAULT",
+    "FusedStatesConfig",
+    "default_config",
+    "fused_chunk_states",
+    "prune_configs_for",
+    "resolve_fused_states",
+    "smem_estimate",
+    "use_fused_states",
+]
+
+# Not yet measured on a GPU: until benchmarks/check_semiseparable_gpu.py shows the fused walk faster
+# at the model's shapes, the default path stays the measured unfused one.
+FUSED_STATES_BY_DEFAULT = False
+SMEM_99KB = 99 * 1024  # consumer cards (sm_86 / sm_89): every declared config must fit
+
+
+@dataclass(frozen=True)
+class FusedStatesConfig:
+    """Launch shape of the fused walk: a [block_r, block_p] state tile per program, warps, and the
+    pipeline stages of the chunk loop (loads of the next chunks overlap the current one's dot)."""
+
+    block_r: int
+    block_p: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_r", "block_p"):
+            value = getattr(self, name)
+            if value not in (16, 32, 64):
+                raise ValueError(f"FusedStatesConfig: {name}={value} must be 16, 32 or 64 (tl.dot tiles)")
+        if self.num_warps not in (1, 2, 4, 8):
+            raise ValueError(f"FusedStatesConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        if self.num_stages < 1:
+            raise ValueError(f"FusedStatesConfig: num_stages={self.num_stages} must be >= 1")
+
+
+# Declared once: the autotuner's search space on CUDA, each checked by tests/ops/test_semiseparable_fused.py
+# (interpreter, and 99 KB of shared memory compiled for sm_86 / sm_90) and tests/gpu. Small tiles put
+# more walks in flight (a walk is a chain of dependent steps) at the price of reading A once per
+# P-block and B once per R-block; 64 x 64 reads each input once. Three stages only where they fit 99 KB.
+CONFIGS = (
+    FusedStatesConfig(16, 16, 2, 3),
+    FusedStatesConfig(32, 32, 4, 3),
+    FusedStatesConfig(32, 64, 4, 2),
+    FusedStatesConfig(32, 64, 4, 3),
+    FusedStatesConfig(64, 32, 4, 2),
+    FusedStatesConfig(64, 64, 4, 2),
+    FusedStatesConfig(64, 64, 8, 2),
+)
+
+
+def _block(dim: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(dim)))
+
+
+def default_config(r_dim: int, p_dim: int) -> FusedStatesConfig:
+    """The config used without autotuning (the interpreter; `triton.py` lets the walk autotune on CUDA
+    even with an explicit chunk-kernel config): the declared one with the largest tile that has no
+    block of only idle rows or columns."""
+    fit = [c for c in CONFIGS if c.block_r <= _block(r_dim) and c.block_p <= _block(p_dim)]
+    return max(fit, key=lambda c: (c.block_r * c.block_p, c.block_p, -c.num_warps))
+
+
+def smem_estimate(block_r: int, block_p: int, chunk: int, num_stages: int) -> int:
+    """Upper estimate in bytes of the fused walk's shared memory: the pipelined loads of A [C, BR] and
+    B [C, BP] (num_stages buffers, fp32 at worst) and one more copy of each as dot operands,
+    4 C (BR + BP) (num_stages + 1). tests/ops/test_semiseparable_fused.py checks it against Triton's
+    sm_86 / sm_90 compiles of every declared config at C 64."""
+    return 4 * chunk * (block_r + block_p) * (num_stages + 1)
+
+
+def prune_configs_for(configs, r_dim: int, p_dim: int, chunk: int, smem_limit: int) -> list:
+    """The triton.Configs with no block wider than R or P needs and whose estimated shared memory fits
+    `smem_limit` bytes; the smallest survives if none does."""
+    fit = [
+        c
+        for c in configs
+        if c.kwargs["BR"] <= _block(r_dim)
+        and c.kwargs["BP"] <= _block(p_dim)
+        and smem_estimate(c.kwargs["BR"], c.kwargs["BP"], chunk, c.num_stages) <= smem_limit
+    ]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BR"] * c.kwargs["BP"], c.num_stages, c.num_warps))]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    device = next(arg.device for arg in named_args.values() if isinstance(arg, Tensor))
+    return prune_configs_for(configs, named_args["R"], named_args["P"], kwargs["C"], _device_smem(device))
+
+
+def _triton_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BR": c.block_r, "BP": c.block_p, "STAGES": c.num_stages}, num_warps=c.num_warps,
+                      num_stages=c.num_stages)
+        for c in CONFIGS
+    ]
+
+
+def use_fused_states(rows: int, n_chunks: int, state_size: int) -> bool:
+    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None),
+    for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P) elements. For now
+    `FUSED_STATES_BY_DEFAULT` for every shape: no GPU measurement yet to choose by."""
+    del rows, n_chunks, state_size
+    return FUSED_STATES_BY_DEFAULT
+
+
+def resolve_fused_states(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
+                         state_size: int) -> bool:
+    """Whether to run the fused walk. None asks `use_fused_states` (an explicit two_levels=True keeps
+    the two-level walk); True runs it in place of the one-level walk and of an automatic two-level
+    choice; an explicit two_levels=True with fused_states=True is a contradiction."""
+    if fused_states is None:
+        return two_levels is not True and use_fused_states(rows, n_chunks, state_size)
+    if fused_states and two_levels is True:
+        raise ValueError(
+            "semiseparable: fused_states=True and two_levels=True exclude each other (the fused walk is "
+            "one level: it forms each chunk's contribution inside a single walk over the chunks); pass "
+            "two_levels=None/False to fuse, or fused_states=False/None for the two-level walk"
+        )
+    return bool(fused_states)
+
+
+@triton.jit
+def _state_block(ptr, row, r0, p0, R, P, BR: tl.constexpr, BP: tl.constexpr):
+    """Block pointer to the [BR, BP] tile at (r0, p0) of the row-th R x P matrix of a contiguous
+    [rows, R, P] tensor (states viewed as [B*H*NC, R, P], init / final as [N*H, R, P])."""
+    base = ptr + row.to(tl.int64) * R * P
+    return tl.make_block_ptr(base, (R, P), (P, 1), (r0, p0), (BR, BP), (1, 0))
+
+
+@triton.jit
+def _walk_step(
+    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0, T, H, R, P, NC,
+    C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Step i of the walk (module docstring): stores the current state tile e [BR, BP] as chunk c's and
+    returns exp(g_c) e + local_c, after a reset to init where the walk enters a sequence and with the
+    sequence's final written where it leaves one."""
+    c = NC - 1 - i if REVERSE else i
+    if VARLEN:
+        t0 = tl.load(tab_ptr + c * 4)
+        t_end = tl.load(tab_ptr + c * 4 + 1)
+        n = tl.load(tab_ptr + c * 4 + 2)
+        flags = tl.load(tab_ptr + c * 4 + 3)
+        first, last = (flags & 1) != 0, (flags & 2) != 0
+    else:
+        t0 = c * C
+        t_end = T
+        n = i_b
+        first, last = c == 0, c == NC - 1
+    enters = last if REVERSE else first
+    leaves = first if REVERSE else last
+    cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
+    # Forward: decayed to the chunk's end; backward: from the chunk's start (both exponents <= 0).
+    w = tl.exp(cum) if REVERSE else tl.exp(g - cum)
+    a = _load_f32(_rows(a_ptr, i_b, i_h, t0, r0, T, t_end, H, R, C, BR))
+    bt = _load_f32(_rows(b_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
+    local = _dot(tl.trans(a * w[:, None]), bt, PREC)
+    if enters:
+        if HAS_INIT:
+            e = _load_f32(_state_block(init_ptr, n * H + i_h, r0, p0, R, P, BR, BP))
+        else:
+            e = tl.zeros([BR, BP], dtype=tl.float32)
+    tl.store(_state_block(st_ptr, i_bh.to(tl.int64) * NC + c, r0, p0, R, P, BR, BP), e, boundary_check=(0, 1))
+    e = tl.exp(g) * e + local
+    if leaves:
+        tl.store(_state_block(final_ptr, n * H + i_h, r0, p0, R, P, BR, BP), e, boundary_check=(0, 1))
+    return e
+
+
+# T and the chunk counts are not specialized: nothing gains from T % 16, and new T would recompile.
+@triton.jit(do_not_specialize=["T", "NC", "LOG_BH", "LOG_NC"])
+def _fused_walk_kernel(
+    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
+    C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, STAGES: tl.constexpr, HAS_INIT: tl.constexpr,
+    REVERSE: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program (b*h, P-block, R-block) walks all NC chunks of its row. a [B,T,H,R], b [B,T,H,P] (any
+    float dtype), la [B,T,H] fp32, st [B,H,NC,R,P] fp32 (written), init / final [N,H,R,P] fp32, tab the
+    chunk table (VARLEN). LOG_BH, LOG_NC (bit lengths of B*H and NC) are only the autotuner's key."""
+    i_bh, i_p, i_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    r0, p0 = i_r * BR, i_p * BP
+    e = tl.zeros([BR, BP], dtype=tl.float32)
+    if INTERPRET:  # Triton 3.6's interpreter cannot take a runtime bound in range() under NumPy 2
+        i = tl.program_id(0) * 0
+        while i < NC:
+            e = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0,
+                           T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, PREC)
+            i += 1
+    else:
+        for i in tl.range(0, NC, num_stages=STAGES):
+            e = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0,
+                           T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, PREC)
+
+
+# Tuned per (P, R, chunk, bit length of B*H and of the number of chunks), like triton.py's kernels: the
+# best tile depends on how many walks run and how long they are; the buckets keep a new T from
+# re-tuning on every call. Every output is overwritten whole, so tuning trials leave nothing stale.
+_TUNE = dict(key=["P", "R", "C", "LOG_BH", "LOG_NC"], prune_configs_by={"early_config_prune": _prune_configs})
+_fused_walk_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_fused_walk_kernel)
+
+
+def _check_args(a: Tensor, b: Tensor, log_a: Tensor, states: Tensor, init: Tensor | None, n_seq: int,
+                chunk: int, table: Tensor | None, final: Tensor | None) -> None:
+    bsz, t, h, r = a.shape
+    p = b.shape[-1]
+    if b.shape[:3] != a.shape[:3] or log_a.shape != a.shape[:3] or log_a.dtype != torch.float32:
+        raise ValueError(
+            f"fused_chunk_states: a [B,T,H,R] {tuple(a.shape)}, b [B,T,H,P] {tuple(b.shape)} and log_a "
+            f"[B,T,H] fp32 {tuple(log_a.shape)} {log_a.dtype} must agree on B, T, H"
+        )
+    if states.dtype != torch.float32 or not states.is_contiguous() or states.shape[:2] != (bsz, h) or \
+            states.shape[3:] != (r, p):
+        raise ValueError(f"fused_chunk_states: states must be contiguous fp32 [B,H,NC,R,P] = [{bsz},{h},NC,{r},{p}], "
+                         f"got {tuple(states.shape)} {states.dtype}")
+    if chunk not in (16, 32, 64):
+        raise ValueError(f"fused_chunk_states: chunk={chunk} must be the kernel chunk (16, 32 or 64); see "
+                         "triton.kernel_chunk")
+    if table is None and states.shape[2] != triton.cdiv(t, chunk):
+        raise ValueError(
+            f"fused_chunk_states: states hold {states.shape[2]} chunks, T={t} needs {triton.cdiv(t, chunk)}"
+        )
+    if table is not None and (bsz != 1 or table.shape != (states.shape[2], 4)):
+        raise ValueError("fused_chunk_states: with a chunk table B must be 1 and the table [NC, 4] one row a chunk")
+    for name, s in (("init", init), ("final", final)):
+        if s is not None and (s.shape != (n_seq, h, r, p) or s.dtype != torch.float32 or not s.is_contiguous()):
+            raise ValueError(f"fused_chunk_states: {name} must be contiguous fp32 [{n_seq},{h},{r},{p}], got "
+                             f"{tuple(s.shape)} {s.dtype}")
+
+
+def fused_chunk_states(
+    a: Tensor,
+    b: Tensor,
+    log_a: Tensor,
+    states: Tensor,
+    init: Tensor | None,
+    n_seq: int,
+    chunk: int,
+    table: Tensor | None = None,
+    *,
+    reverse: bool,
+    config: FusedStatesConfig | None = None,
+    final: Tensor | None = None,
+) -> Tensor:
+    """The fused walk of the module docstring; writes states [B,H,NC,R,P] fp32 in place and returns the
+    finals [n_seq,H,R,P] fp32 (into `final` when given).
+
+    a [B,T,H,R], b [B,T,H,P] contiguous, one float dtype (forward: u, x; backward with reverse=True:
+    v, dY); log_a [B,T,H] fp32 contiguous; init [n_seq,H,R,P] fp32 or None (zeros): the initial states
+    (forward) or the final states' gradients (backward). chunk is the kernel chunk (16, 32 or 64);
+    table the chunk table of cu_seqlens (then B = 1) or None (then n_seq = B). config None autotunes
+    over `CONFIGS` on CUDA and takes `default_config` under the interpreter. The same values as
+    `_chunk_state_kernel` + `state_pass(..., two_levels=False)` up to fp32 rounding.
+    """
+    _check_args(a, b, log_a, states, init, n_seq, chunk, table, final)
+    bsz, t, h, r = a.shape
+    p, nc = b.shape[-1], states.shape[2]
+    if final is None:
+        final = torch.empty(n_seq, h, r, p, device=states.device, dtype=torch.float32)
+    if states.numel() == 0:  # B, H, R or P is 0: no state element to walk (and final is empty too)
+        return final
+    interpret = interpreter_enabled()
+    args = (a, b, log_a, states, init if init is not None else final, final, table if table is not None else states,
+            t, h, r, p, nc, (bsz * h).bit_length(), nc.bit_length())
+    meta = dict(C=chunk, HAS_INIT=init is not None, REVERSE=reverse, VARLEN=table is not None, PREC=_prec(a.dtype),
+                INTERPRET=interpret)
+    if config is None and not interpret:
+        _fused_walk_tuned[lambda m: (bsz * h, triton.cdiv(p, m["BP"]), triton.cdiv(r, m["BR"]))](*args, **meta)
+        return final
+    cfg = config or default_config(r, p)
+    grid = (bsz * h, triton.cdiv(p, cfg.block_p), triton.cdiv(r, cfg.block_r))
+    _fused_walk_kernel[grid](*args, BR=cfg.block_r, BP=cfg.block_p, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, **meta)
+    return final

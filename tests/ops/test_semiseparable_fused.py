@@ -1,0 +1,316 @@
+"""The fused chunk-state walk of the SSD scan (`semiseparable/fused_states.py`) under Triton's
+interpreter, fp32: forward and backward with fused_states=True equal to the unfused path (the chunk
+kernel + one-level `state_pass`, <= 1e-5 relative) and to the fp64 recurrence (1e-4), at odd sizes
+(T = 1, T < chunk, T ragged; R != P, neither a power of two), with and without an initial state and a
+final-state gradient, strong decays, packed documents (cu_seqlens, an empty one included); every
+declared config once with its outputs NaN-poisoned; the autotuned launch path with a stub timer. In
+this process: the dispatch policy, config checks and every config compiled for sm_86 / sm_90 within
+99 KB of shared memory.
+
+Triton reads TRITON_INTERPRET when its kernels are defined, so the interpreter tests run in a child
+pytest (`test_interpreter_suite`, the `interpreter_run` fixture) and are skipped here.
+"""
+
+import pytest
+import torch
+
+from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops.semiseparable.reference import semiseparable_recurrent
+
+pytest.importorskip("triton")
+
+interp = pytest.mark.skipif(not interpreter_enabled(), reason="runs in the TRITON_INTERPRET=1 child process")
+TOL = 1e-4  # max |err| / max |ref|: fp32 kernels against fp64
+SAME = 1e-5  # fused against unfused: the same products, summed in another order at most
+NAMES = ("x", "u", "v", "log_a", "h0")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def problem(b, t, h, r, p, *, decay=(-3.0, 0.0), seed=0):
+    """fp32 x [B,T,H,P], u, v [B,T,H,R], log_a [B,T,H] uniform in `decay`, h0 [B,H,R,P], and random
+    gradients dy [B,T,H,P], dfinal [B,H,R,P]."""
+    gen = torch.Generator().manual_seed(seed)
+    x, dy = torch.randn(2, b, t, h, p, generator=gen)
+    u, v = torch.randn(2, b, t, h, r, generator=gen)
+    lo, hi = decay
+    log_a = lo + (hi - lo) * torch.rand(b, t, h, generator=gen)
+    h0, dfinal = torch.randn(2, b, h, r, p, generator=gen)
+    return x, u, v, log_a, h0, dy, dfinal
+
+
+def packed_problem(lengths, h, r, p, *, decay=(-3.0, 0.0), seed=0):
+    """problem() for one packed row of documents: h0, dfinal [N,H,R,P] and cu_seqlens int32 [N+1]."""
+    x, u, v, log_a, _, dy, _ = problem(1, sum(lengths), h, r, p, decay=decay, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0, dfinal = torch.randn(2, len(lengths), h, r, p, generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return x, u, v, log_a, h0, dy, dfinal, cu
+
+
+def fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu=None):
+    """(y, final) of the fp64 token-by-token recurrence and the gradients of <y, dy> + <final, dfinal>
+    in (x, u, v, log_a[, h0]) (h0 None: zero initial state; dfinal None: the final state unused)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, u, v, log_a)]
+    if h0 is not None:
+        leaves.append(h0.detach().double().requires_grad_())
+    y, final = semiseparable_recurrent(*leaves[:4], initial_state=leaves[4] if h0 is not None else None,
+                                       output_final_state=True, cu_seqlens=cu)
+    loss = (y * dy.double()).sum() + (0 if dfinal is None else (final * dfinal.double()).sum())
+    return y.detach(), final.detach(), torch.autograd.grad(loss, leaves)
+
+
+def run_both(x, u, v, log_a, h0, dy, dfinal, chunk, cu=None):
+    """{fused: (y, final, states, dx, du, dv, dlog_a, dh0)} for fused_states False / True, y NaN-poisoned."""
+    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    out = {}
+    for fused in (False, True):
+        poison = torch.full_like(x, float("nan"))
+        walk = dict(cu_seqlens=cu, two_levels=None if fused else False, fused_states=fused)
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, out=poison, **walk)
+        assert y.data_ptr() == poison.data_ptr()
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, **walk)
+        out[fused] = (y, final, states, *grads)
+        assert all(torch.isfinite(t).all() for t in out[fused]), fused
+    return out
+
+
+def check_against(out, ref, has_init):
+    """Fused vs unfused (every output, states included) and both vs the fp64 reference."""
+    y_ref, f_ref, grads_ref = ref
+    names = ("y", "final", "states", "x", "u", "v", "log_a", "h0")
+    for name, one, two in zip(names, out[False], out[True]):
+        assert one.shape == two.shape and rel(two, one) < SAME, name
+    for fused in (False, True):
+        y, final, _, *grads = out[fused]
+        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, fused
+        for name, got, want in zip(NAMES, grads[: 4 + has_init], grads_ref):
+            assert rel(got, want) < TOL, (name, fused)
+
+
+def unfused_walk(a, b, log_a, init, n_seq, chunk, table, reverse):
+    """The path the fused walk replaces: `_chunk_state_kernel` then the one-level `state_pass`."""
+    from muse_lm.ops.semiseparable.state_pass import state_pass
+    from muse_lm.ops.semiseparable.triton import _chunk_state_kernel, _chunk_state_tuned, _launch_chunks, _r_block
+
+    bsz, t, h, r = a.shape
+    p = b.shape[-1]
+    nc = -(-t // chunk) if table is None else table.shape[0]
+    states = torch.empty(bsz, h, nc, r, p)
+    g = torch.empty(bsz * h, nc)
+    tab = g if table is None else table
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, (bsz, t, h, p, r, nc), None, (a, b, log_a, states, g, tab),
+                   FROM_START=reverse, C=chunk, RB=_r_block(r), PREC="ieee", VARLEN=table is not None)
+    final = state_pass(states, g, init, n_seq, h, table, reverse=reverse, two_levels=False)
+    return states, final
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="this is the parent of the interpreter run")
+def test_interpreter_suite(interpreter_run):
+    interpreter_run(__file__)
+
+
+# (B, T, H, R, P, chunk): T = 1, T inside one chunk, T ragged over several chunks with R > 16 (two R
+# tiles' worth of padding), chunk 32 with P over one 64-wide block.
+SHAPES = [(2, 1, 2, 3, 5, 16), (1, 7, 3, 5, 7, 16), (2, 37, 2, 17, 20, 16), (1, 45, 2, 6, 40, 32)]
+# (initial state, final state's gradient): the model's call (neither), a carried state (both), and one each.
+EDGES = [(False, False), (True, True), (True, False), (False, True)]
+
+
+# Every shape with the first two, the one-sided ones at one shape (interpreter time).
+CASES = [(s, e) for s in SHAPES for e in EDGES[:2]] + [(SHAPES[2], e) for e in EDGES[2:]]
+
+
+def _case_id(case):
+    shape, edges = case
+    return "B{}-T{}-H{}-R{}-P{}-C{}".format(*shape) + "-init{}-dfinal{}".format(*map(int, edges))
+
+
+@interp
+@pytest.mark.parametrize("shape,edges", CASES, ids=[_case_id(c) for c in CASES])
+def test_fused_equals_unfused_and_fp64(shape, edges):
+    b, t, h, r, p, chunk = shape
+    x, u, v, log_a, h0, dy, dfinal = problem(b, t, h, r, p, seed=t + r)
+    h0, dfinal = (h0 if edges[0] else None), (dfinal if edges[1] else None)
+    out = run_both(x, u, v, log_a, h0, dy, dfinal, chunk)
+    check_against(out, fp64_reference(x, u, v, log_a, h0, dy, dfinal), h0 is not None)
+    if h0 is None:  # no initial state: d initial_state is still returned (the walk's final), unused
+        assert out[True][-1].shape == (b, h, r, p)
+
+
+@interp
+def test_strong_decay_and_a_free_stretch_over_many_chunks():
+    """log_a down to -20 per token (a chunk's cumulative log-decay near -300) next to a stretch with no
+    decay at all, over 6 chunks: finite, fused equal to unfused and to the fp64 recurrence."""
+    x, u, v, log_a, h0, dy, dfinal = problem(1, 90, 2, 3, 5, decay=(-20.0, -0.5), seed=3)
+    log_a[:, 40:60] = 0.0
+    assert log_a[:, :16].sum(1).min() < -88
+    out = run_both(x, u, v, log_a, h0, dy, dfinal, 16)
+    check_against(out, fp64_reference(x, u, v, log_a, h0, dy, dfinal), True)
+
+
+# Documents of 0 .. 40 tokens, one empty in the middle and one first: chunks of 16 end mid-document and
+# at boundaries, a 40-token document spans three chunks.
+LENGTHS = [0, 1, 3, 16, 40, 2, 0, 17, 5]
+
+
+@interp
+def test_cu_seqlens_short_documents_with_empty_ones():
+    x, u, v, log_a, h0, dy, dfinal, cu = packed_problem(LENGTHS, 2, 5, 20, decay=(-20.0, 0.0), seed=4)
+    out = run_both(x, u, v, log_a, h0, dy, dfinal, 16, cu)
+    check_against(out, fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu), True)
+    # An empty document passes its initial state, and the final state's gradient, straight through.
+    torch.testing.assert_close(out[True][1][0], h0[0])
+    torch.testing.assert_close(out[True][1][6], h0[6])
+    torch.testing.assert_close(out[True][-1][6], dfinal[6])
+
+
+@interp
+def test_every_declared_config_poisoned_forward_and_backward_walks():
+    """Each config's walk, both directions, plain and packed, into NaN-filled states and finals: equal
+    to the unfused walk, so every tile of every chunk was stored. R 40 and P 40 keep every block size."""
+    from muse_lm.ops.semiseparable.fused_states import CONFIGS, fused_chunk_states
+    from muse_lm.ops.semiseparable.state_pass import chunk_table
+
+    x, u, v, log_a, h0, dy, dfinal = problem(2, 37, 2, 40, 40, seed=8)
+    xp, up, vp, lap, h0p, dyp, dfp, cu = packed_problem([5, 0, 20, 12], 1, 40, 40, seed=9)
+    table = chunk_table(cu, 16, torch.device("cpu"))
+    cases = [((u, x, log_a, h0, 2, None), False), ((v, dy, log_a, dfinal, 2, None), True),
+             ((up, xp, lap, h0p, 4, table), False), ((vp, dyp, lap, dfp, 4, table), True)]
+    wants = [unfused_walk(a, b, la, init, n, 16, tab, rev) for (a, b, la, init, n, tab), rev in cases]
+    for cfg in CONFIGS:
+        for ((a, b, la, init, n, tab), rev), (want_states, want_final) in zip(cases, wants):
+            states = torch.full_like(want_states, float("nan"))
+            final = torch.full_like(want_final, float("nan"))
+            got = fused_chunk_states(a, b, la, states, init, n, 16, tab, reverse=rev, config=cfg, final=final)
+            assert got.data_ptr() == final.data_ptr()
+            assert torch.isfinite(states).all() and torch.isfinite(final).all(), (cfg, rev, tab is not None)
+            assert rel(states, want_states) < SAME and rel(final, want_final) < SAME, (cfg, rev, tab is not None)
+
+
+@interp
+def test_autotuned_launch_path_with_a_stub_benchmark(monkeypatch):
+    """The CUDA branch (triton.autotune: pruning by R, P, chunk and shared memory, the grid lambda) under
+    the interpreter with a stub timer: every declared config runs once, and the tuned walk is right."""
+    import muse_lm.ops.semiseparable.fused_states as fs
+
+    monkeypatch.setattr(fs, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(fs, "_device_smem", lambda device: 99 * 1024)
+    monkeypatch.setattr(fs._fused_walk_tuned, "cache", {})
+    benched = []
+
+    def stub(fn, quantiles):
+        fn()
+        benched.append(1)
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setitem(fs._fused_walk_tuned.__dict__, "do_bench", stub)  # a cached_property: bypass its getter
+    # INTERPRET is a constexpr argument: the monkeypatched check above sets it False, which the
+    # interpreter cannot run (runtime range bound), so restore it for the kernel only.
+    launch = fs._fused_walk_tuned.run
+
+    def run(*args, **kwargs):
+        return launch(*args, **{**kwargs, "INTERPRET": True})
+
+    monkeypatch.setattr(fs._fused_walk_tuned, "run", run)
+    x, u, v, log_a, h0, _, _ = problem(1, 40, 2, 40, 40, seed=12)
+    states = torch.full((1, 2, 3, 40, 40), float("nan"))
+    final = fs.fused_chunk_states(u, x, log_a, states, h0, 1, 16, reverse=False)
+    want_states, want_final = unfused_walk(u, x, log_a, h0, 1, 16, None, False)
+    assert rel(states, want_states) < SAME and rel(final, want_final) < SAME
+    assert len(benched) == len(fs.CONFIGS)  # R 40, P 40 at 99 KB: nothing pruned
+
+
+def test_policy_and_exclusive_arguments(monkeypatch):
+    import muse_lm.ops.semiseparable.fused_states as fs
+    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    assert fs.FUSED_STATES_BY_DEFAULT is False
+    assert not fs.use_fused_states(16, 1024, 4096) and not fs.use_fused_states(512, 32, 4096)
+    # None follows the policy, which is off: the default path is the unfused one, whatever two_levels says.
+    assert not any(fs.resolve_fused_states(None, two, 16, 128, 4096) for two in (None, False, True))
+    assert fs.resolve_fused_states(True, None, 16, 128, 4096) and fs.resolve_fused_states(True, False, 1, 2, 3)
+    assert not fs.resolve_fused_states(False, None, 16, 128, 4096)
+    monkeypatch.setattr(fs, "FUSED_STATES_BY_DEFAULT", True)
+    assert fs.resolve_fused_states(None, None, 16, 128, 4096) and fs.resolve_fused_states(None, False, 1, 2, 3)
+    assert not fs.resolve_fused_states(None, True, 16, 128, 4096)  # an explicit two-level walk wins
+    with pytest.raises(ValueError, match="exclude each other"):
+        fs.resolve_fused_states(True, True, 16, 128, 4096)
+    # Raised by the public launchers before anything runs (no kernel, no interpreter needed).
+    x, u, v, log_a, h0, dy, dfinal = problem(1, 5, 1, 2, 3)
+    with pytest.raises(ValueError, match="exclude each other"):
+        semiseparable_forward(x, u, v, log_a, h0, 16, two_levels=True, fused_states=True)
+    states = torch.zeros(1, 1, 1, 2, 3)
+    with pytest.raises(ValueError, match="exclude each other"):
+        semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, two_levels=True, fused_states=True)
+
+
+def test_config_validation_default_config_pruning_and_argument_checks():
+    import triton
+
+    from muse_lm.ops.semiseparable.fused_states import (
+        CONFIGS,
+        SMEM_99KB,
+        FusedStatesConfig,
+        _triton_configs,
+        default_config,
+        fused_chunk_states,
+        prune_configs_for,
+        smem_estimate,
+    )
+
+    for bad, match in (((48, 16, 4, 2), "block_r"), ((16, 8, 4, 2), "block_p"), ((16, 16, 3, 2), "num_warps"),
+                       ((16, 16, 4, 0), "num_stages")):
+        with pytest.raises(ValueError, match=match):
+            FusedStatesConfig(*bad)
+    assert len(set(CONFIGS)) == len(CONFIGS)
+    assert default_config(64, 64).block_r == default_config(64, 64).block_p == 64
+    assert (default_config(3, 5).block_r, default_config(3, 5).block_p) == (16, 16)
+    assert default_config(17, 40) in CONFIGS and default_config(17, 40).block_r <= 32
+    configs = _triton_configs()
+    tiles = lambda kept: {(c.kwargs["BR"], c.kwargs["BP"]) for c in kept}  # noqa: E731
+    assert tiles(prune_configs_for(configs, 64, 64, 64, SMEM_99KB)) == {(c.block_r, c.block_p) for c in CONFIGS}
+    assert tiles(prune_configs_for(configs, 20, 64, 64, SMEM_99KB)) == {(16, 16), (32, 32), (32, 64)}
+    assert max(smem_estimate(c.block_r, c.block_p, 64, c.num_stages) for c in CONFIGS) <= SMEM_99KB
+    # Nothing fits: the smallest tile survives.
+    kept = prune_configs_for(configs, 64, 64, 64, 1024)
+    assert len(kept) == 1 and tiles(kept) == {(16, 16)}
+    assert all(c.kwargs["STAGES"] == c.num_stages for c in configs)
+    x, u, v, log_a, h0, _, _ = problem(1, 20, 2, 3, 4)
+    nc = triton.cdiv(20, 16)
+    with pytest.raises(ValueError, match="chunk"):
+        fused_chunk_states(u, x, log_a, torch.empty(1, 2, nc, 3, 4), None, 1, 8, reverse=False)
+    with pytest.raises(ValueError, match="chunks"):
+        fused_chunk_states(u, x, log_a, torch.empty(1, 2, nc + 1, 3, 4), None, 1, 16, reverse=False)
+    with pytest.raises(ValueError, match="states"):
+        fused_chunk_states(u, x, log_a, torch.empty(1, 2, nc, 4, 3), None, 1, 16, reverse=False)
+    with pytest.raises(ValueError, match="init"):
+        fused_chunk_states(u, x, log_a, torch.empty(1, 2, nc, 3, 4), h0.double(), 1, 16, reverse=False)
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="compiles for real GPU targets (no GPU needed)")
+@pytest.mark.parametrize("capability", [86, 90], ids=["sm86", "sm90"])
+def test_every_declared_config_compiles_within_its_estimate_and_99kb(capability):
+    """Compiled offline for an RTX 3090 / 4090-class card (sm_86, 99 KB of shared memory) and an H100 at
+    the largest chunk (64), fp32 inputs and no chunk table (the case whose loads the pipeliner stages in
+    shared memory; bf16 inputs and packed documents took less in every config when measured)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from muse_lm.ops.semiseparable.fused_states import CONFIGS, SMEM_99KB, _fused_walk_kernel, smem_estimate
+
+    sig = {name: "constexpr" for name in _fused_walk_kernel.arg_names}
+    sig.update({name: "*fp32" for name in ("a_ptr", "b_ptr", "la_ptr", "st_ptr", "init_ptr", "final_ptr")})
+    sig.update({"tab_ptr": "*i32", **{name: "i32" for name in ("T", "H", "R", "P", "NC", "LOG_BH", "LOG_NC")}})
+    target = GPUTarget("cuda", capability, 32)
+    for cfg in CONFIGS:
+        consts = dict(C=64, BR=cfg.block_r, BP=cfg.block_p, STAGES=cfg.num_stages, HAS_INIT=True, REVERSE=False,
+                      VARLEN=False, PREC="ieee", INTERPRET=False)
+        compiled = triton.compile(ASTSource(fn=_fused_walk_kernel, signature=sig, constexprs=consts), target=target,
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        estimate = smem_estimate(cfg.block_r, cfg.block_p, 64, cfg.num_stages)
+        assert compiled.metadata.shared <= estimate <= SMEM_99KB, (cfg, compiled.metadata.shared)
