@@ -11,9 +11,10 @@ against the fp64 reference with both state walks and timed against the same toke
 T 65536, H 12 with the two-level walk over chunk states vs the one-level walk (the walk alone and the
 whole forward / forward+backward, checked against each other and the fp64 reference); the one-token
 step kernel vs the torch step at B 1, 8, 64. Then the fused chunk-state walk (`fused_states=True`) vs the
-unfused default at the mixer shapes (bf16, 65536 tokens, H 16, P = R = 64, T 2048 and 8192): y, the
-final state, the entering states and every gradient of one against the other and against the fp64
-reference, and the median ms of the forward and of forward+backward of both. Writes one JSON object
+unfused default, and the fused walk saving bf16 states (`compact_states=True`), at the mixer shapes
+(bf16, 65536 tokens, H 16, P = R = 64, T 2048 and 8192): y, the final state, the entering states and
+every gradient against the fp64 reference (and fused against unfused), and the median ms of the
+forward and of forward+backward of each. `--parts fused` runs that section alone. Writes one JSON object
 with the GPU name, versions and git commit. Meant to finish in a few minutes on an H100 (most of it
 compiling and autotuning).
 
@@ -217,33 +218,40 @@ def second_level() -> dict:
     return out
 
 
+# The variants timed: the default (unfused) walk, the fused walk, and the fused walk saving bf16 states.
+FUSED_VARIANTS = {"unfused": dict(fused_states=False), "fused": dict(fused_states=True),
+                  "fused_compact": dict(fused_states=True, compact_states=True)}
+
+
 def _fused_walk_shape(b: int, t: int) -> dict:
-    """One mixer shape, bf16: fused_states=True vs the default (unfused) walk, checked against each other
-    and the fp64 reference, then timed (forward, forward+backward; no initial state, as in the model)."""
+    """One mixer shape, bf16: each of FUSED_VARIANTS checked against the fp64 reference (and the fused
+    walk against the unfused one), then timed (forward, forward+backward; no initial state, as in the
+    model)."""
     h, p = FUSED_HEADS, FUSED_DIM
     x, u, v, log_a, h0, dy, dfinal = _problem(b, t, h, p, p, torch.bfloat16, seed=t)
     want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal)
     got = {}
-    for fused in (False, True):
-        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, fused_states=fused)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, fused_states=fused)
-        got[fused] = (y, f, *grads, states)
-    same = {n: _rel(a, b_) for n, a, b_ in zip((*NAMES, "states"), got[True], got[False])}
-    finite = all(bool(torch.isfinite(g).all()) for g in got[True])
+    for name, kw in FUSED_VARIANTS.items():
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, **kw)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, fused_states=kw["fused_states"])
+        got[name] = (y, f, *grads, states)
+    same = {n: _rel(a, b_) for n, a, b_ in zip((*NAMES, "states"), got["fused"], got["unfused"])}
+    finite = all(bool(torch.isfinite(g).all()) for one in got.values() for g in one)
     checks = dict(fused_vs_unfused=dict(rel_err=same, finite=finite,
                                         ok=finite and all(e <= FUSED_SAME_TOL for e in same.values())))
-    for fused in (False, True):
-        errs = _errors(got[fused][:-1], want)
-        checks[f"fused_states={fused}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
+    for name in FUSED_VARIANTS:
+        errs = _errors(got[name][:-1], want)
+        checks[name] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
     del want, got
     timings = {}
-    for fused in (False, True):
-        fwd = lambda fused=fused: semiseparable_forward(x, u, v, log_a, None, CHUNK, fused_states=fused)  # noqa: E731
-        bwd = lambda res, fused=fused: semiseparable_backward(  # noqa: E731
-            x, u, v, log_a, res[2], dy, None, CHUNK, fused_states=fused)
-        timings[f"fused_states={fused}"] = _bench_pair(fwd, bwd)
-    one, two = timings["fused_states=False"], timings["fused_states=True"]
-    timings["speedup_fused"] = {k: one[k] / two[k] for k in ("fwd_ms", "fwd_bwd_ms")}
+    for name, kw in FUSED_VARIANTS.items():
+        fwd = lambda kw=kw: semiseparable_forward(x, u, v, log_a, None, CHUNK, **kw)  # noqa: E731
+        bwd = lambda res, kw=kw: semiseparable_backward(  # noqa: E731
+            x, u, v, log_a, res[2], dy, None, CHUNK, fused_states=kw["fused_states"])
+        timings[name] = _bench_pair(fwd, bwd)
+    base = timings["unfused"]
+    timings["speedup_over_unfused"] = {name: {k: base[k] / timings[name][k] for k in ("fwd_ms", "fwd_bwd_ms")}
+                                       for name in FUSED_VARIANTS if name != "unfused"}
     return dict(checks=checks, timings=timings)
 
 
@@ -278,10 +286,48 @@ def step_kernel() -> dict:
     return out
 
 
+def _sections(result: dict, parts: set[str]) -> None:
+    """The shape checks and timings ("shapes"), then the named sections, each written into `result`."""
+    if "shapes" in parts:
+        for shape in SHAPES:
+            for dtype_name in DTYPES:
+                key = "B{}-T{}-H{}-P{}-R{}-{}".format(*shape, dtype_name)
+                result["checks"][key] = check(shape, dtype_name)
+                worst = {n: max(r["rel_err"].values()) for n, r in result["checks"][key].items()}
+                print(key, "worst rel err per config", json.dumps(worst), flush=True)
+                torch.cuda.empty_cache()
+        for shape in SHAPES:
+            key = "B{}-T{}-H{}-P{}-R{}-bf16".format(*shape)
+            result["timings"][key] = time_shape(shape)
+            print(key, json.dumps(result["timings"][key]), flush=True)
+    for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel),
+                     ("fused_states", fused_walk)):
+        if name in parts:
+            result[name] = fn()
+            print(name, json.dumps(result[name]), flush=True)
+            torch.cuda.empty_cache()
+
+
+def _all_ok(result: dict) -> bool:
+    oks = [r["ok"] for rows in result["checks"].values() for r in rows.values()]
+    for part in ("cu_seqlens", "second_level"):
+        oks += [r["ok"] for r in result.get(part, {}).get("checks", {}).values() if "ok" in r]
+    oks += [r["ok"] for r in result.get("step", {}).values()]
+    oks += [r["ok"] for shape in result.get("fused_states", {}).values() for r in shape["checks"].values()]
+    return bool(oks) and all(oks)
+
+
+PARTS = ("shapes", "cu_seqlens", "second_level", "step", "fused_states")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ssd.json"))
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
     args = parser.parse_args()
+    parts = {p for p in args.parts.split(",") if p}
+    if not parts or parts - set(PARTS):
+        parser.error(f"--parts takes a comma list of {', '.join(PARTS)}, got {args.parts!r}")
     start = time.time()
     result = dict(
         gpu=torch.cuda.get_device_name(),
@@ -290,31 +336,12 @@ def main() -> None:
         commit=git_commit(),
         tolerance=TOL,
         chunk=CHUNK,
+        parts=sorted(parts),
         checks={},
         timings={},
     )
-    for shape in SHAPES:
-        for dtype_name in DTYPES:
-            key = "B{}-T{}-H{}-P{}-R{}-{}".format(*shape, dtype_name)
-            result["checks"][key] = check(shape, dtype_name)
-            worst = {n: max(r["rel_err"].values()) for n, r in result["checks"][key].items()}
-            print(key, "worst rel err per config", json.dumps(worst), flush=True)
-            torch.cuda.empty_cache()
-    result["all_ok"] = all(r["ok"] for rows in result["checks"].values() for r in rows.values())
-    for shape in SHAPES:
-        key = "B{}-T{}-H{}-P{}-R{}-bf16".format(*shape)
-        result["timings"][key] = time_shape(shape)
-        print(key, json.dumps(result["timings"][key]), flush=True)
-    for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel),
-                     ("fused_states", fused_walk)):
-        result[name] = fn()
-        print(name, json.dumps(result[name]), flush=True)
-        torch.cuda.empty_cache()
-    result["all_ok"] = result["all_ok"] and all(
-        r["ok"] for part in ("cu_seqlens", "second_level") for r in result[part]["checks"].values() if "ok" in r
-    ) and all(r["ok"] for r in result["step"].values()) and all(
-        r["ok"] for shape in result["fused_states"].values() for r in shape["checks"].values()
-    )
+    _sections(result, parts)
+    result["all_ok"] = _all_ok(result)
     result["wall_s"] = time.time() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

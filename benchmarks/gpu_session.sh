@@ -34,7 +34,7 @@ pytest_gpu() { python3 -m pytest -q -p no:cacheprovider "$@"; }
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$LOG"
 case "$PART" in
   scans)
-    step fused_check 120 python3 benchmarks/check_semiseparable_gpu.py --out "$OUT/semiseparable.json"
+    step fused_check 150 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --out "$OUT/ssd_fused.json"
     step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
     step prune 90 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
     step bk_seq_check 90 python3 benchmarks/check_bk_seq_gpu.py --out "$OUT/bk_seq.json"

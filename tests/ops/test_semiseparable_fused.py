@@ -168,6 +168,48 @@ def test_cu_seqlens_short_documents_with_empty_ones():
     torch.testing.assert_close(out[True][-1][6], dfinal[6])
 
 
+BF16_TOL = 1e-2  # max |err| / max |ref| of bf16 inputs against fp64: the ops' stated bf16 contract
+
+
+@interp
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+def test_compact_states_bf16_match_fp64_and_save_16_bit_states(packed):
+    """compact_states=True with bf16 inputs: the saved states and their gradients are bf16, every output
+    and gradient within the bf16 contract of the fp64 recurrence, and close to the fp32-state fused path
+    (the only difference is the states' rounding)."""
+    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    if packed:
+        x, u, v, log_a, h0, dy, dfinal, cu = packed_problem([5, 0, 40, 19], 2, 6, 20, decay=(-2.0, 0.0), seed=6)
+    else:
+        (x, u, v, log_a, h0, dy, dfinal), cu = problem(2, 75, 2, 6, 20, decay=(-2.0, 0.0), seed=6), None
+    x, u, v, dy = (t.bfloat16() for t in (x, u, v, dy))
+    ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu)
+    runs = {}
+    for compact in (False, True):
+        walk = dict(cu_seqlens=cu, fused_states=True, compact_states=compact)
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, out=torch.full_like(x, float("nan")),
+                                                 **walk)
+        assert states.dtype == (torch.bfloat16 if compact else torch.float32)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, cu_seqlens=cu, fused_states=True)
+        runs[compact] = (y, final, *grads)
+    y_ref, f_ref, grads_ref = ref
+    for name, got, full, want in zip(("y", "final", *NAMES), runs[True], runs[False], (y_ref, f_ref, *grads_ref)):
+        err, err_full = rel(got, want), rel(full, want)
+        print(f"{name}: compact {err:.2e}, fp32 states {err_full:.2e}")
+        assert torch.isfinite(got).all() and err < BF16_TOL, name
+        # The states' rounding adds at most about the outputs' own bf16 rounding (2^-9 = 2e-3).
+        assert err < err_full + 4e-3, name
+
+
+def test_compact_states_need_the_fused_walk():
+    from muse_lm.ops.semiseparable.triton import semiseparable_forward
+
+    x, u, v, log_a, *_ = problem(1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="compact_states=True needs the fused walk"):
+        semiseparable_forward(x, u, v, log_a, None, 16, fused_states=False, compact_states=True)
+
+
 @interp
 def test_every_declared_config_poisoned_forward_and_backward_walks():
     """Each config's walk, both directions, plain and packed, into NaN-filled states and finals: equal

@@ -266,7 +266,7 @@ def _chunk_output_kernel(
     u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-    s = tl.load(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP), boundary_check=(0, 1), padding_option="zero")
+    s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))  # fp32, or 16-bit when compact
     o_c = tl.arange(0, C)
     causal = o_c[:, None] >= o_c[None, :]
     # Masked before exp: above the diagonal the difference is positive and could overflow.
@@ -420,15 +420,24 @@ def _fused_walk(fused_states: bool | None, two_levels: bool | None, shape: tuple
     return resolve_fused_states(fused_states, two_levels, b * h, nc, r * p)
 
 
-def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None):
+def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None,
+             compact_states=False):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
     fused = _fused_walk(fused_states, two_levels, shape)
+    if compact_states and not fused:
+        raise ValueError(
+            "semiseparable_forward: compact_states=True needs the fused walk (fused_states=True): the unfused "
+            "walk accumulates each chunk's contribution in the states buffer in place, in fp32"
+        )
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
-    states = torch.empty(b, h, nc, r, p, device=x.device, dtype=torch.float32)
+    # Compact: 16-bit inputs keep their saved chunk states in their own dtype (the walk itself runs in
+    # fp32 registers); half the states' traffic and memory, for an error below the bf16 output's own.
+    state_dtype = x.dtype if compact_states and x.element_size() == 2 else torch.float32
+    states = torch.empty(b, h, nc, r, p, device=x.device, dtype=state_dtype)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
         out.zero_()
         final = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
@@ -464,7 +473,9 @@ def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_le
     dy = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
     dfinal = None if grad_final is None else grad_final.to(torch.float32).contiguous()
     meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
-    dstates = torch.empty_like(states)
+    # The fused walk stores the states' gradients like the forward stored the states (compact or fp32);
+    # the unfused walk accumulates in place and needs fp32.
+    dstates = torch.empty(states.shape, device=x.device, dtype=states.dtype if fused else torch.float32)
     if fused:
         from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
 
@@ -497,6 +508,7 @@ def semiseparable_forward(
     cu_seqlens: Tensor | None = None,
     two_levels: bool | None = None,
     fused_states: bool | None = None,
+    compact_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no
     autograd.
@@ -507,14 +519,16 @@ def semiseparable_forward(
     chosen by `state_pass.use_two_levels` (None). fused_states: the chunk states from the one-level walk
     fused with each chunk's contribution (`fused_states.py`; True, exclusive with two_levels=True), the
     unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; off for now). `config`
-    sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config. `out`
+    sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
+    compact_states (needs the fused walk): 16-bit inputs save the entering states in their own dtype
+    (the backward then keeps the states' gradients so too); fp32 inputs are unaffected. `out`
     (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
     entering states are what the backward needs.
     """
     _check_kernel_inputs(x, log_a, initial_state)
     x, u, v, log_a = (t.contiguous() for t in (x, u, v, log_a))
     layout = _layout(x, u, chunk_size, cu_seqlens)
-    return _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states)
+    return _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states, compact_states)
 
 
 def semiseparable_backward(
