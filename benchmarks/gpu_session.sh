@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|model_bench|dist
+#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|model_bench|dist}
+PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -53,6 +53,11 @@ case "$PART" in
       -k "matches_eager_steps or refuses_a_stepped or gives_the_pool_back"
     step memory 360 python3 benchmarks/validate_memory.py --max-seconds 330 --out "$OUT"
     ;;
+  profile)
+    step profile 300 python3 benchmarks/profile_step.py --compile on --cuda-graph --top 80 --out "$OUT"
+    step profile_t16k 200 python3 benchmarks/profile_step.py --compile on --cuda-graph --top 40 --seq-len 16384 \
+      --models muse --out "$OUT/t16k"
+    ;;
   model_bench)
     step model 570 python3 -m muse_lm bench --only model --cuda-graph auto --max-seconds 540 --out "$OUT"
     ;;
@@ -60,5 +65,5 @@ case "$PART" in
     step fit 420 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 150 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (scans, scan_tests, htt, model, model_bench, dist)"; exit 2 ;;
+  *) echo "unknown part $PART (scans, scan_tests, htt, model, profile, model_bench, dist)"; exit 2 ;;
 esac
