@@ -45,8 +45,8 @@ case "$PART" in
     step bk_tests 200 pytest_gpu tests/gpu/test_bk_gpu.py tests/gpu/test_bk_seq_gpu.py
     ;;
   htt)
-    step htt_bench 300 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
-    step htt_tests 260 pytest_gpu tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
+    step htt_bench 380 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
+    step htt_tests 170 pytest_gpu tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
     ;;
   model)
     step graphed_tests 200 pytest_gpu tests/gpu/test_graphed_step_gpu.py \
@@ -62,8 +62,8 @@ case "$PART" in
     step model 570 python3 -m muse_lm bench --only model --cuda-graph auto --max-seconds 540 --out "$OUT"
     ;;
   dist)
-    step fit 420 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
-      --fit-budget-s 150 --curve-steps 0
+    step fit 570 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
+      --fit-budget-s 130 --curve-steps 0
     ;;
   *) echo "unknown part $PART (scans, scan_tests, htt, model, profile, model_bench, dist)"; exit 2 ;;
 esac
