@@ -202,6 +202,32 @@ def test_compact_states_bf16_match_fp64_and_save_16_bit_states(packed):
         assert err < err_full + 4e-3, name
 
 
+@interp
+def test_policies_switched_on_reach_the_custom_op_with_matching_fake_dtypes(monkeypatch):
+    """With both policies on (what a GPU measurement would switch), the model's path (the custom op, no
+    arguments) runs the fused walk with compact bf16 states, `torch.library.opcheck` finds the fake
+    implementation's dtypes equal to the kernels', and values and gradients stay within the bf16
+    contract of fp64."""
+    from muse_lm.ops import semiseparable_scan
+    from muse_lm.ops.semiseparable import fused_states
+    from muse_lm.ops.semiseparable.custom_ops import ssd_forward
+
+    monkeypatch.setattr(fused_states, "FUSED_STATES_BY_DEFAULT", True)
+    monkeypatch.setattr(fused_states, "COMPACT_STATES_BY_DEFAULT", True)
+    x, u, v, log_a, _, dy, _ = problem(2, 40, 2, 6, 20, decay=(-2.0, 0.0), seed=7)
+    x, u, v, dy = (t.bfloat16() for t in (x, u, v, dy))
+    leaves = [t.clone().requires_grad_() for t in (x, u, v, log_a)]
+    _, _, states = ssd_forward(*(t.detach() for t in leaves), None, 16)
+    assert states.dtype == torch.bfloat16
+    torch.library.opcheck(ssd_forward, (*leaves, None, 16))
+    y, _ = semiseparable_scan(*leaves, chunk_size=16, impl="triton", output_final_state=True)
+    got = torch.autograd.grad((y.float() * dy.float()).sum(), leaves)
+    y_ref, _, want = fp64_reference(x, u, v, log_a, None, dy, None)
+    assert rel(y, y_ref) < BF16_TOL
+    for name, g, w in zip(NAMES, got, want):
+        assert rel(g, w) < BF16_TOL, name
+
+
 def test_compact_states_need_the_fused_walk():
     from muse_lm.ops.semiseparable.triton import semiseparable_forward
 
@@ -277,8 +303,11 @@ def test_policy_and_exclusive_arguments(monkeypatch):
     assert fs.resolve_fused_states(True, None, 16, 128, 4096) and fs.resolve_fused_states(True, False, 1, 2, 3)
     assert not fs.resolve_fused_states(False, None, 16, 128, 4096)
     monkeypatch.setattr(fs, "FUSED_STATES_BY_DEFAULT", True)
-    assert fs.resolve_fused_states(None, None, 16, 128, 4096) and fs.resolve_fused_states(None, False, 1, 2, 3)
-    assert not fs.resolve_fused_states(None, True, 16, 128, 4096)  # an explicit two-level walk wins
+    # On: it replaces the one-level walk where that is the automatic choice (many rows) or asked for ...
+    assert fs.resolve_fused_states(None, None, 512, 128, 4096) and fs.resolve_fused_states(None, False, 1, 2, 3)
+    # ... but few long walks (B*H 16, 128 chunks: the two-level regime) keep the two-level walk,
+    assert not fs.resolve_fused_states(None, None, 16, 128, 4096)
+    assert not fs.resolve_fused_states(None, True, 512, 128, 4096)  # and so does an explicit two_levels=True
     with pytest.raises(ValueError, match="exclude each other"):
         fs.resolve_fused_states(True, True, 16, 128, 4096)
     # Raised by the public launchers before anything runs (no kernel, no interpreter needed).

@@ -18,14 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from muse_lm.ops.semiseparable.triton import kernel_chunk, semiseparable_backward, semiseparable_forward
+from muse_lm.ops.semiseparable.triton import (
+    kernel_chunk,
+    saved_state_dtype,
+    semiseparable_backward,
+    semiseparable_forward,
+)
 
 
 @torch.library.custom_op("muse_lm::ssd_forward", mutates_args=())
 def ssd_forward(
     x: Tensor, u: Tensor, v: Tensor, log_a: Tensor, initial_state: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [B,T,H,P] x.dtype, final state [B,H,R,P] fp32, entering states [B,H,NC,R,P] fp32)."""
+    """(y [B,T,H,P] x.dtype, final state [B,H,R,P] fp32, entering states [B,H,NC,R,P] in
+    `saved_state_dtype` (fp32 unless the fused walk saves compact 16-bit states))."""
     return semiseparable_forward(x, u, v, log_a, initial_state, chunk_size)
 
 
@@ -36,8 +42,9 @@ def _(x, u, v, log_a, initial_state, chunk_size):
     c = kernel_chunk(chunk_size)
     nc = (t + c - 1) // c
     f32 = torch.float32
+    states = saved_state_dtype(x.dtype, (b, t, h, p, r, nc))  # the same policy the kernels follow
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((b, h, r, p), dtype=f32), \
-        x.new_empty((b, h, nc, r, p), dtype=f32)
+        x.new_empty((b, h, nc, r, p), dtype=states)
 
 
 @torch.library.custom_op("muse_lm::ssd_backward", mutates_args=())

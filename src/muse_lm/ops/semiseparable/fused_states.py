@@ -48,23 +48,29 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops.semiseparable.state_pass import use_two_levels
 from muse_lm.ops.semiseparable.triton import _device_smem, _dot, _load_chunk_decay, _load_f32, _prec, _rows
 
 __all__ = [
+    "COMPACT_STATES_BY_DEFAULT",
     "CONFIGS",
     "FUSED_STATES_BY_DEFAULT",
     "FusedStatesConfig",
     "default_config",
     "fused_chunk_states",
     "prune_configs_for",
+    "resolve_compact_states",
     "resolve_fused_states",
     "smem_estimate",
+    "use_compact_states",
     "use_fused_states",
 ]
 
 # Not yet measured on a GPU: until benchmarks/check_semiseparable_gpu.py shows the fused walk faster
 # at the model's shapes, the default path stays the measured unfused one.
 FUSED_STATES_BY_DEFAULT = False
+# Likewise for saving 16-bit inputs' chunk states in their own dtype (compact states, fused walk only).
+COMPACT_STATES_BY_DEFAULT = False
 SMEM_99KB = 99 * 1024  # consumer cards (sm_86 / sm_89): every declared config must fit
 
 
@@ -151,11 +157,29 @@ def _triton_configs() -> list[triton.Config]:
 
 
 def use_fused_states(rows: int, n_chunks: int, state_size: int) -> bool:
-    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None),
-    for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P) elements. For now
-    `FUSED_STATES_BY_DEFAULT` for every shape: no GPU measurement yet to choose by."""
-    del rows, n_chunks, state_size
-    return FUSED_STATES_BY_DEFAULT
+    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None,
+    two_levels=None), for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P)
+    elements: `FUSED_STATES_BY_DEFAULT` (off until measured on a GPU), and only where the automatic
+    choice is the one-level walk it replaces (few long walks keep the two-level walk)."""
+    return FUSED_STATES_BY_DEFAULT and not use_two_levels(rows, n_chunks, state_size)
+
+
+def use_compact_states(fused: bool) -> bool:
+    """Whether the fused walk saves 16-bit inputs' states in their dtype when not told (None)."""
+    return fused and COMPACT_STATES_BY_DEFAULT
+
+
+def resolve_compact_states(compact_states: bool | None, fused: bool) -> bool:
+    """compact_states None asks `use_compact_states`; True without the fused walk is refused: the
+    unfused walk accumulates each chunk's contribution in the states buffer in place, in fp32."""
+    if compact_states is None:
+        return use_compact_states(fused)
+    if compact_states and not fused:
+        raise ValueError(
+            "semiseparable_forward: compact_states=True needs the fused walk (fused_states=True): the unfused "
+            "walk accumulates each chunk's contribution in the states buffer in place, in fp32"
+        )
+    return bool(compact_states)
 
 
 def resolve_fused_states(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
@@ -164,7 +188,9 @@ def resolve_fused_states(fused_states: bool | None, two_levels: bool | None, row
     the two-level walk); True runs it in place of the one-level walk and of an automatic two-level
     choice; an explicit two_levels=True with fused_states=True is a contradiction."""
     if fused_states is None:
-        return two_levels is not True and use_fused_states(rows, n_chunks, state_size)
+        if two_levels is None:
+            return use_fused_states(rows, n_chunks, state_size)
+        return not two_levels and FUSED_STATES_BY_DEFAULT  # one level asked for: fused if that is the default
     if fused_states and two_levels is True:
         raise ValueError(
             "semiseparable: fused_states=True and two_levels=True exclude each other (the fused walk is "

@@ -420,23 +420,31 @@ def _fused_walk(fused_states: bool | None, two_levels: bool | None, shape: tuple
     return resolve_fused_states(fused_states, two_levels, b * h, nc, r * p)
 
 
+def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | None = None,
+                      two_levels: bool | None = None, compact_states: bool | None = None) -> torch.dtype:
+    """The dtype of the entering states the forward saves for the backward, for inputs of `x_dtype` and
+    shape = (B, T, H, P, R, NC) (`_layout`): the inputs' own 16-bit dtype when the fused walk runs
+    with compact states (None: `fused_states.use_compact_states`), else fp32. The custom op's fake
+    implementation asks the same question, so compiled graphs see the dtype the kernels write."""
+    from muse_lm.ops.semiseparable.fused_states import resolve_compact_states
+
+    fused = _fused_walk(fused_states, two_levels, shape)
+    compact = resolve_compact_states(compact_states, fused)
+    return x_dtype if compact and x_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None,
-             compact_states=False):
+             compact_states=None):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
     fused = _fused_walk(fused_states, two_levels, shape)
-    if compact_states and not fused:
-        raise ValueError(
-            "semiseparable_forward: compact_states=True needs the fused walk (fused_states=True): the unfused "
-            "walk accumulates each chunk's contribution in the states buffer in place, in fp32"
-        )
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
     # Compact: 16-bit inputs keep their saved chunk states in their own dtype (the walk itself runs in
     # fp32 registers); half the states' traffic and memory, for an error below the bf16 output's own.
-    state_dtype = x.dtype if compact_states and x.element_size() == 2 else torch.float32
+    state_dtype = saved_state_dtype(x.dtype, shape, fused_states, two_levels, compact_states)
     states = torch.empty(b, h, nc, r, p, device=x.device, dtype=state_dtype)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
         out.zero_()
@@ -508,7 +516,7 @@ def semiseparable_forward(
     cu_seqlens: Tensor | None = None,
     two_levels: bool | None = None,
     fused_states: bool | None = None,
-    compact_states: bool = False,
+    compact_states: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no
     autograd.
@@ -520,8 +528,9 @@ def semiseparable_forward(
     fused with each chunk's contribution (`fused_states.py`; True, exclusive with two_levels=True), the
     unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; off for now). `config`
     sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
-    compact_states (needs the fused walk): 16-bit inputs save the entering states in their own dtype
-    (the backward then keeps the states' gradients so too); fp32 inputs are unaffected. `out`
+    compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, off for now):
+    16-bit inputs save the entering states in their own dtype (the backward then keeps the states'
+    gradients so too); fp32 inputs are unaffected. `out`
     (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
     entering states are what the backward needs.
     """
