@@ -211,6 +211,9 @@ def _next_layers(layers: int, lo: int, hi: int | None, elapsed_s: float, budget_
         return None
     if hi is None:
         return max(layers + 1, int(layers * grow))
+    if lo == 0:  # nothing fit yet: step down by the growth factor, keeping the head start of a good guess
+        smaller = min(layers - 1, int(layers / grow))
+        return smaller if smaller >= 1 else None
     if hi - lo <= max(4, lo // 8):
         return None
     return (lo + hi) // 2
@@ -264,10 +267,13 @@ def _fit_search(parallel: str, info, budget_s: float, start_layers: int = 96, gr
             "budget_s": budget_s, "searched_s": time.perf_counter() - start}
 
 
-def _fit_all(modes: list[str], info, job: dict, rows: list[dict]) -> list[dict]:
+def _fit_all(modes: list[str], info, job: dict, rows: list[dict], save) -> list[dict]:
     """The fit search of each mode under a per-process memory cap of `fit_gib` (a 24 GB card by default:
     the cards this project is for, and tries small enough to build in seconds; 0 = the whole GPU).
-    The cap bounds PyTorch's caching allocator; the CUDA context and NCCL's buffers come on top."""
+    The cap bounds PyTorch's caching allocator; the CUDA context and NCCL's buffers come on top.
+    `save(fits)` is called after each mode (rank 0 rewrites its results file)."""
+    from muse_lm.training.distributed import broadcast_object
+
     total = torch.cuda.get_device_properties(info.local_rank).total_memory
     cap = job.get("fit_gib", 0) * 2**30 or total
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), info.local_rank)
@@ -280,8 +286,11 @@ def _fit_all(modes: list[str], info, job: dict, rows: list[dict]) -> list[dict]:
         if row is not None:
             per_param = row["model_state_bytes"]["total"] / row["params"]
             start = first_guess_layers(per_param, cap, fixed, per_layer)
+        # Rank 0's guess for all: FSDP2 shards differ by a row between ranks, and so could the rounding.
+        start = broadcast_object(start, info)
         result = _fit_search(mode, info, job["fit_budget_s"], start_layers=start, grow=1.25)
         out.append({**result, "memory_cap_gib": cap / 2**30, "start_layers": start})
+        save(out)
     torch.cuda.set_per_process_memory_fraction(1.0, info.local_rank)
     return out
 
@@ -297,10 +306,16 @@ def worker(job: dict) -> None:
         for mode in modes:
             results["throughput"].append(_throughput(preset, mode, info, job["steps"], job["warmup"],
                                                      job.get("compile", False)))
+    def save(fits: list[dict] | None = None) -> None:
+        if fits is not None:
+            results["fit"] = fits
+        if info.is_main:
+            Path(job["out"]).write_text(json.dumps(results))
+
+    save()  # the throughput rows are kept even if a fit try hangs and the driver kills the worker
     if job.get("fit_budget_s") and info.world_size > 1:
-        results["fit"] = _fit_all(modes, info, job, results["throughput"])
-    if info.is_main:
-        Path(job["out"]).write_text(json.dumps(results))
+        _fit_all(modes, info, job, results["throughput"], save)
+    save()
     distributed.barrier(info)
     gc.collect()  # the trainers' meshes hold the process group: free them before teardown
     distributed.teardown()
@@ -356,8 +371,11 @@ def _run_workers(nproc: int, job: dict, timeout: float) -> dict:
     cmd = [*_torchrun(nproc), __file__, "--worker", json.dumps(job)]
     # NCCL's INIT log says which transport links the GPUs (P2P/NVLink, SHM, NET): kept with the results.
     status = _call(cmd, timeout, extra_env={"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT"} if nproc > 1 else None)
-    if status["ok"]:
-        status.update(json.loads(Path(job["out"]).read_text()))
+    # Rank 0 rewrites its results after every part, so a worker that failed or timed out later (a fit
+    # try that hung) still hands back what it measured.
+    out = Path(job["out"])
+    if out.exists() and out.stat().st_size:
+        status.update(json.loads(out.read_text()))
     return status
 
 
@@ -516,6 +534,9 @@ def main() -> None:
     t0 = time.perf_counter()
     worker_s = 420 if args.compile else 180
     single = _run_workers(1, job, timeout=worker_s)
+    (out_dir / "distributed.json").write_text(json.dumps(  # kept if the 2-GPU run is stopped
+        {"environment": _environment(), "throughput": single.get("throughput", []),
+         "loss_curves": "not run yet (the run stopped before them)"}, indent=2) + "\n")
     pair = _run_workers(2, {**job, "fit_budget_s": args.fit_budget_s, "fit_gib": args.fit_gib},
                         timeout=worker_s + 2 * args.fit_budget_s + 60)
     throughput = single.get("throughput", []) + pair.get("throughput", [])

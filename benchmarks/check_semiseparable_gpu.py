@@ -14,7 +14,7 @@ step kernel vs the torch step at B 1, 8, 64. Then the fused chunk-state walk (`f
 unfused default, and the fused walk saving bf16 states (`compact_states=True`), at the mixer shapes
 (bf16, 65536 tokens, H 16, P = R = 64, T 2048 and 8192): y, the final state, the entering states and
 every gradient against the fp64 reference (and fused against unfused), and the median ms of the
-forward and of forward+backward of each. `--parts fused` runs that section alone. Writes one JSON object
+forward and of forward+backward of each. `--parts fused_states` runs that section alone. Writes one JSON object
 with the GPU name, versions and git commit. Meant to finish in a few minutes on an H100 (most of it
 compiling and autotuning).
 

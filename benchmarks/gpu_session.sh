@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist
+#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist}
+PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,27 +29,28 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a time limit, logs it, print
   tail -n 4 "$LOG" | grep -v "^===" || true
 }
 
-pytest_gpu() { python3 -m pytest -q -p no:cacheprovider "$@"; }
+# `timeout` runs programs, not shell functions: pytest is spelled out through this array.
+PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$LOG"
 case "$PART" in
   scans)
     step fused_check 150 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --out "$OUT/ssd_fused.json"
     step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
-    step prune 90 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
+    step prune 60 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
     step bk_seq_check 90 python3 benchmarks/check_bk_seq_gpu.py --out "$OUT/bk_seq.json"
     ;;
   scan_tests)
-    step ssd_tests 240 pytest_gpu tests/gpu/test_semiseparable_gpu.py
-    step linrec_tests 120 pytest_gpu tests/gpu/test_linear_recurrence_gpu.py
-    step bk_tests 200 pytest_gpu tests/gpu/test_bk_gpu.py tests/gpu/test_bk_seq_gpu.py
+    step ssd_tests 240 "${PYTEST[@]}" tests/gpu/test_semiseparable_gpu.py
+    step linrec_tests 120 "${PYTEST[@]}" tests/gpu/test_linear_recurrence_gpu.py
+    step bk_tests 200 "${PYTEST[@]}" tests/gpu/test_bk_gpu.py tests/gpu/test_bk_seq_gpu.py
     ;;
   htt)
     step htt_bench 380 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
-    step htt_tests 170 pytest_gpu tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
+    step htt_tests 170 "${PYTEST[@]}" tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
     ;;
   model)
-    step graphed_tests 200 pytest_gpu tests/gpu/test_graphed_step_gpu.py \
+    step graphed_tests 200 "${PYTEST[@]}" tests/gpu/test_graphed_step_gpu.py \
       -k "matches_eager_steps or refuses_a_stepped or gives_the_pool_back"
     step memory 360 python3 benchmarks/validate_memory.py --max-seconds 330 --out "$OUT"
     ;;
@@ -62,8 +63,16 @@ case "$PART" in
     step model 570 python3 -m muse_lm bench --only model --cuda-graph auto --max-seconds 540 --out "$OUT"
     ;;
   dist)
-    step fit 570 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
-      --fit-budget-s 130 --curve-steps 0
+    # Scaling with 1 and with 16 CPU threads per process in the same call (the thread count moved the
+    # 1-GPU baseline between sessions), then the fit search, which writes its rows as it goes.
+    step threads1 200 env OMP_NUM_THREADS=1 python3 benchmarks/bench_distributed.py --out "$OUT/omp1" \
+      --presets 24gb --steps 5 --warmup 2 --fit-budget-s 0 --curve-steps 0
+    step threads16 200 env OMP_NUM_THREADS=16 python3 benchmarks/bench_distributed.py --out "$OUT/omp16" \
+      --presets 24gb --steps 5 --warmup 2 --fit-budget-s 0 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (scans, scan_tests, htt, model, profile, model_bench, dist)"; exit 2 ;;
+  fit)
+    step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
+      --fit-budget-s 110 --curve-steps 0
+    ;;
+  *) echo "unknown part $PART (scans, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
 esac

@@ -33,3 +33,6 @@ def test_next_layers_grows_by_the_factor_then_bisects_then_stops(bench):
     assert bench._next_layers(125, lo=100, hi=125, elapsed_s=0, budget_s=60, grow=1.25) == 112
     assert bench._next_layers(112, lo=112, hi=125, elapsed_s=0, budget_s=60, grow=1.25) is None  # within 1/8
     assert bench._next_layers(100, lo=100, hi=None, elapsed_s=61, budget_s=60) is None  # budget spent
+    # The first guess did not fit: step down by the factor (not halve towards 0), then bisect.
+    assert bench._next_layers(200, lo=0, hi=200, elapsed_s=0, budget_s=60, grow=1.25) == 160
+    assert bench._next_layers(1, lo=0, hi=1, elapsed_s=0, budget_s=60, grow=1.25) is None  # nothing smaller

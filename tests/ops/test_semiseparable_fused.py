@@ -228,6 +228,18 @@ def test_policies_switched_on_reach_the_custom_op_with_matching_fake_dtypes(monk
         assert rel(g, w) < BF16_TOL, name
 
 
+def test_compact_states_are_bf16_only():
+    """fp16 keeps fp32 states even when compact: without decay a state sums a whole sequence and can pass
+    fp16's 65504 (bf16 has fp32's range); fp32 inputs are unaffected."""
+    from muse_lm.ops.semiseparable.triton import saved_state_dtype
+
+    shape = (2, 64, 2, 8, 8, 4)  # (B, T, H, P, R, NC): the one-level regime
+    want = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32, torch.float32: torch.float32}
+    for dtype, expected in want.items():
+        assert saved_state_dtype(dtype, shape, fused_states=True, compact_states=True) == expected
+        assert saved_state_dtype(dtype, shape, fused_states=True) == torch.float32  # the policy is off
+
+
 def test_compact_states_need_the_fused_walk():
     from muse_lm.ops.semiseparable.triton import semiseparable_forward
 

@@ -31,7 +31,7 @@ def ssd_forward(
     x: Tensor, u: Tensor, v: Tensor, log_a: Tensor, initial_state: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [B,T,H,P] x.dtype, final state [B,H,R,P] fp32, entering states [B,H,NC,R,P] in
-    `saved_state_dtype` (fp32 unless the fused walk saves compact 16-bit states))."""
+    `saved_state_dtype` (fp32 unless the fused walk saves compact bf16 states))."""
     return semiseparable_forward(x, u, v, log_a, initial_state, chunk_size)
 
 

@@ -31,11 +31,12 @@ each chunk's span and flags from `state_pass.chunk_table` and mask rows past the
 `triton.py`. Only the one-level walk has a fused form: the two-level walk needs the local
 contributions of whole groups before its carry pass.
 
-Compact states (`semiseparable_forward(..., compact_states=True)`, 16-bit inputs): the walk still runs
-in fp32 registers but stores the states it hands on (and the backward their gradients) in the inputs'
-dtype, halving the rest of the states' traffic and the memory saved for the backward. On the CPU, bf16
-states add less error than the bf16 output's own rounding (bf16 inputs, P = R = 64, T 2048: 1.6e-3 vs
-2.4e-3 max-relative against fp64); the interpreter tests hold every output within the 1e-2 contract.
+Compact states (`semiseparable_forward(..., compact_states=True)`, bf16 inputs): the walk still runs
+in fp32 registers but stores the states it hands on (and the backward their gradients) in bf16, which
+halves the rest of the states' traffic and the memory saved for the backward. Not fp16: without
+decay a state sums a whole sequence and could pass fp16's 65504. On the CPU, bf16 states add less
+error than the bf16 output's own rounding (bf16 inputs, P = R = 64, T 2048: 1.6e-3 vs 2.4e-3
+max-relative against fp64); the interpreter tests hold every output within the 1e-2 contract.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ __all__ = [
 # Not yet measured on a GPU: until benchmarks/check_semiseparable_gpu.py shows the fused walk faster
 # at the model's shapes, the default path stays the measured unfused one.
 FUSED_STATES_BY_DEFAULT = False
-# Likewise for saving 16-bit inputs' chunk states in their own dtype (compact states, fused walk only).
+# Likewise for saving bf16 inputs' chunk states in bf16 (compact states, fused walk only).
 COMPACT_STATES_BY_DEFAULT = False
 SMEM_99KB = 99 * 1024  # consumer cards (sm_86 / sm_89): every declared config must fit
 
@@ -165,7 +166,7 @@ def use_fused_states(rows: int, n_chunks: int, state_size: int) -> bool:
 
 
 def use_compact_states(fused: bool) -> bool:
-    """Whether the fused walk saves 16-bit inputs' states in their dtype when not told (None)."""
+    """Whether the fused walk saves bf16 inputs' states in bf16 when not told (None)."""
     return fused and COMPACT_STATES_BY_DEFAULT
 
 
@@ -292,11 +293,11 @@ def _check_args(a: Tensor, b: Tensor, log_a: Tensor, states: Tensor, init: Tenso
             f"fused_chunk_states: a [B,T,H,R] {tuple(a.shape)}, b [B,T,H,P] {tuple(b.shape)} and log_a "
             f"[B,T,H] fp32 {tuple(log_a.shape)} {log_a.dtype} must agree on B, T, H"
         )
-    compact = a.element_size() == 2 and states.dtype == a.dtype  # 16-bit inputs may keep 16-bit states
+    compact = a.dtype == states.dtype == torch.bfloat16  # bf16 inputs may keep bf16 states
     dtype_ok = states.dtype == torch.float32 or compact
     if not dtype_ok or not states.is_contiguous() or states.shape[:2] != (bsz, h) or states.shape[3:] != (r, p):
         raise ValueError(f"fused_chunk_states: states must be contiguous [B,H,NC,R,P] = [{bsz},{h},NC,{r},{p}] in "
-                         f"fp32 (or a's 16-bit dtype), got {tuple(states.shape)} {states.dtype}")
+                         f"fp32 (or bf16 for bf16 a), got {tuple(states.shape)} {states.dtype}")
     if chunk not in (16, 32, 64):
         raise ValueError(f"fused_chunk_states: chunk={chunk} must be the kernel chunk (16, 32 or 64); see "
                          "triton.kernel_chunk")
@@ -326,8 +327,8 @@ def fused_chunk_states(
     config: FusedStatesConfig | None = None,
     final: Tensor | None = None,
 ) -> Tensor:
-    """The fused walk of the module docstring; writes states [B,H,NC,R,P] in place (fp32, or a's dtype for
-    16-bit a: the walk runs in fp32 and stores rounded copies) and returns the
+    """The fused walk of the module docstring; writes states [B,H,NC,R,P] in place (fp32, or bf16 for bf16
+    a: the walk runs in fp32 and stores rounded copies) and returns the
     finals [n_seq,H,R,P] fp32 (into `final` when given).
 
     a [B,T,H,R], b [B,T,H,P] contiguous, one float dtype (forward: u, x; backward with reverse=True:

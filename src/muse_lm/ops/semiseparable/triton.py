@@ -266,7 +266,7 @@ def _chunk_output_kernel(
     u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-    s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))  # fp32, or 16-bit when compact
+    s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))  # fp32, or bf16 when compact
     o_c = tl.arange(0, C)
     causal = o_c[:, None] >= o_c[None, :]
     # Masked before exp: above the diagonal the difference is positive and could overflow.
@@ -423,14 +423,16 @@ def _fused_walk(fused_states: bool | None, two_levels: bool | None, shape: tuple
 def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | None = None,
                       two_levels: bool | None = None, compact_states: bool | None = None) -> torch.dtype:
     """The dtype of the entering states the forward saves for the backward, for inputs of `x_dtype` and
-    shape = (B, T, H, P, R, NC) (`_layout`): the inputs' own 16-bit dtype when the fused walk runs
+    shape = (B, T, H, P, R, NC) (`_layout`): bf16 for bf16 inputs when the fused walk runs
     with compact states (None: `fused_states.use_compact_states`), else fp32. The custom op's fake
     implementation asks the same question, so compiled graphs see the dtype the kernels write."""
     from muse_lm.ops.semiseparable.fused_states import resolve_compact_states
 
     fused = _fused_walk(fused_states, two_levels, shape)
     compact = resolve_compact_states(compact_states, fused)
-    return x_dtype if compact and x_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    # bf16 only: a state sums a whole sequence's contributions, and without decay it can pass fp16's
+    # 65504 where bf16 (fp32's range) cannot.
+    return x_dtype if compact and x_dtype == torch.bfloat16 else torch.float32
 
 
 def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None,
@@ -442,8 +444,8 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fus
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
-    # Compact: 16-bit inputs keep their saved chunk states in their own dtype (the walk itself runs in
-    # fp32 registers); half the states' traffic and memory, for an error below the bf16 output's own.
+    # Compact: bf16 inputs keep their saved chunk states in bf16 (the walk itself runs in fp32
+    # registers); half the states' traffic and memory, for an error below the bf16 output's own.
     state_dtype = saved_state_dtype(x.dtype, shape, fused_states, two_levels, compact_states)
     states = torch.empty(b, h, nc, r, p, device=x.device, dtype=state_dtype)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
@@ -529,8 +531,8 @@ def semiseparable_forward(
     unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; off for now). `config`
     sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
     compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, off for now):
-    16-bit inputs save the entering states in their own dtype (the backward then keeps the states'
-    gradients so too); fp32 inputs are unaffected. `out`
+    bf16 inputs save the entering states in bf16 (the backward then keeps the states' gradients so
+    too); fp32 and fp16 inputs are unaffected (fp16's range could overflow a state). `out`
     (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
     entering states are what the backward needs.
     """
