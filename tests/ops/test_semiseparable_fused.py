@@ -229,14 +229,16 @@ def test_policies_switched_on_reach_the_custom_op_with_matching_fake_dtypes(monk
 
 
 def test_compact_states_are_bf16_only():
-    """fp16 keeps fp32 states even when compact: without decay a state sums a whole sequence and can pass
-    fp16's 65504 (bf16 has fp32's range); fp32 inputs are unaffected."""
+    """Compact states are bf16: asked for with fp16 inputs (without decay a state sums a whole sequence and
+    can pass fp16's 65504; bf16 has fp32's range) or fp32 inputs, it raises instead of doing nothing."""
     from muse_lm.ops.semiseparable.triton import saved_state_dtype
 
     shape = (2, 64, 2, 8, 8, 4)  # (B, T, H, P, R, NC): the one-level regime
-    want = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float32, torch.float32: torch.float32}
-    for dtype, expected in want.items():
-        assert saved_state_dtype(dtype, shape, fused_states=True, compact_states=True) == expected
+    assert saved_state_dtype(torch.bfloat16, shape, fused_states=True, compact_states=True) == torch.bfloat16
+    for dtype in (torch.float16, torch.float32):
+        with pytest.raises(ValueError, match="needs bf16 inputs"):
+            saved_state_dtype(dtype, shape, fused_states=True, compact_states=True)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert saved_state_dtype(dtype, shape, fused_states=True) == torch.float32  # the policy is off
 
 
@@ -244,6 +246,7 @@ def test_compact_states_need_the_fused_walk():
     from muse_lm.ops.semiseparable.triton import semiseparable_forward
 
     x, u, v, log_a, *_ = problem(1, 8, 1, 4, 4)
+    x, u, v = (t.bfloat16() for t in (x, u, v))
     with pytest.raises(ValueError, match="compact_states=True needs the fused walk"):
         semiseparable_forward(x, u, v, log_a, None, 16, fused_states=False, compact_states=True)
 

@@ -429,9 +429,15 @@ def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | N
     from muse_lm.ops.semiseparable.fused_states import resolve_compact_states
 
     fused = _fused_walk(fused_states, two_levels, shape)
-    compact = resolve_compact_states(compact_states, fused)
     # bf16 only: a state sums a whole sequence's contributions, and without decay it can pass fp16's
-    # 65504 where bf16 (fp32's range) cannot.
+    # 65504 where bf16 (fp32's range) cannot; fp32 inputs keep fp32 states.
+    if compact_states and x_dtype != torch.bfloat16:
+        raise ValueError(
+            f"semiseparable_forward: compact_states=True saves bf16 states and needs bf16 inputs, got {x_dtype}: "
+            "fp16 states could overflow (a state sums a whole sequence) and fp32 inputs keep fp32 states; pass "
+            "compact_states=None or False"
+        )
+    compact = resolve_compact_states(compact_states, fused)
     return x_dtype if compact and x_dtype == torch.bfloat16 else torch.float32
 
 
@@ -532,7 +538,7 @@ def semiseparable_forward(
     sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
     compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, off for now):
     bf16 inputs save the entering states in bf16 (the backward then keeps the states' gradients so
-    too); fp32 and fp16 inputs are unaffected (fp16's range could overflow a state). `out`
+    too); True with fp16 or fp32 inputs raises (fp16's range could overflow a state). `out`
     (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
     entering states are what the backward needs.
     """
