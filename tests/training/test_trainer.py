@@ -164,3 +164,35 @@ def test_lns_run_trains_lns_ffns_and_loads_them_frozen_to_8_bit_codes(small_corp
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(trained.model.eval()(ids), latent.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_gradients_stay_in_the_all_reduce_buckets_across_steps(tmp_path):
+    """Under DDP (gradient_as_bucket_view) each gradient is a view into an all-reduce bucket. Clearing
+    them with set_to_none would drop the views: the next step's no_sync micro-batches would then
+    accumulate into fresh tensors beside the buckets (a second copy of every gradient, measured as
+    0.76 GiB more mid-step than one GPU on the 24gb preset) until the reducer copies them back.
+    So after every step the gradients are the same bucket views, zeroed in place."""
+    from muse_lm.training import distributed
+
+    info = distributed.setup(torch.device("cpu"), single_rank_group=True)  # a group of one, in memory
+    try:
+        torch.manual_seed(0)
+        tokens = (torch.arange(2000) % 13).numpy().astype("uint16")
+        model = MuseLM(MuseConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, max_rank=4, min_rank=1,
+                                  bk_heads=0, tt_rank=4, embedding="dense"))
+        cfg = TrainConfig(seq_len=16, micro_batch=2, grad_accum=2, steps=4, lr=1e-2, warmup_steps=1,
+                          dtype="fp32", eval_every=3, eval_batches=1, log_every=1)
+        trainer = Trainer(model, cfg, train_tokens=tokens, heldout_tokens=tokens[:300], run_dir=tmp_path,
+                          tokenizer_json="{}", run_config={}, progress=False, dist_info=info, parallel="ddp")
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        trainer.train_step()  # DDP rebuilds its buckets once, in the order the first backward filled them
+        trainer.train_step()
+        first = [p.grad.data_ptr() if p.grad is not None else None for p in params]
+        assert None not in first
+        assert all(bool((p.grad == 0).all()) for p in params)  # cleared in place for the next step
+        # Views into a few buckets: many parameters share one storage.
+        assert len({p.grad.untyped_storage().data_ptr() for p in params}) < len(params)
+        trainer.train_step()
+        assert [p.grad.data_ptr() for p in params] == first
+    finally:
+        distributed.teardown()

@@ -128,7 +128,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # No per-forward buffer broadcast (a collective on every micro-batch): the running
             # buffers (gate_mean EMAs) are averaged over the ranks before each checkpoint instead,
-            # as under FSDP. Gradients live in the all-reduce buckets: no second copy.
+            # as under FSDP. Gradients live in the all-reduce buckets (kept there by `_end_step`).
             self.engine = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
                                                   gradient_as_bucket_view=True)
         stability = stability or StabilityConfig()
@@ -432,7 +432,11 @@ class Trainer:
     def _end_step(self) -> None:
         self.scheduler.step()
         self._scale_lr(self.policy.lr_scale)
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are views into the all-reduce buckets: zeroed in place they stay
+        # views, and the next step's no_sync micro-batches accumulate into the buckets. Set to None,
+        # they would accumulate into fresh tensors beside the buckets (a second copy of every
+        # gradient until the reducer copies it back). Elsewhere None frees them between steps.
+        self.optimizer.zero_grad(set_to_none=self.parallel != "ddp")
         self.step += 1
 
     def _after_verdicts(self, judged: list[tuple]) -> None:
