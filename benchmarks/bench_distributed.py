@@ -277,8 +277,8 @@ def _fit_all(modes: list[str], info, job: dict, rows: list[dict], save) -> list[
     total = torch.cuda.get_device_properties(info.local_rank).total_memory
     cap = job.get("fit_gib", 0) * 2**30 or total
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), info.local_rank)
-    fixed, per_layer = _layer_params(1), _layer_params(2) - _layer_params(1)
-    fixed -= per_layer
+    one, two = _layer_params(1), _layer_params(2)
+    per_layer, fixed = two - one, 2 * one - two
     out = []
     for mode in modes:
         row = next((r for r in rows if r["preset"] == "24gb" and r["parallel"] == mode), None)

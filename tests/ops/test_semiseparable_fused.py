@@ -19,6 +19,8 @@ from muse_lm.ops.semiseparable.reference import semiseparable_recurrent
 
 pytest.importorskip("triton")
 
+from test_semiseparable_triton import problem  # noqa: E402  the inputs of the unfused kernel's tests
+
 interp = pytest.mark.skipif(not interpreter_enabled(), reason="runs in the TRITON_INTERPRET=1 child process")
 TOL = 1e-4  # max |err| / max |ref|: fp32 kernels against fp64
 SAME = 1e-5  # fused against unfused: the same products, summed in another order at most
@@ -27,18 +29,6 @@ NAMES = ("x", "u", "v", "log_a", "h0")
 
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def problem(b, t, h, r, p, *, decay=(-3.0, 0.0), seed=0):
-    """fp32 x [B,T,H,P], u, v [B,T,H,R], log_a [B,T,H] uniform in `decay`, h0 [B,H,R,P], and random
-    gradients dy [B,T,H,P], dfinal [B,H,R,P]."""
-    gen = torch.Generator().manual_seed(seed)
-    x, dy = torch.randn(2, b, t, h, p, generator=gen)
-    u, v = torch.randn(2, b, t, h, r, generator=gen)
-    lo, hi = decay
-    log_a = lo + (hi - lo) * torch.rand(b, t, h, generator=gen)
-    h0, dfinal = torch.randn(2, b, h, r, p, generator=gen)
-    return x, u, v, log_a, h0, dy, dfinal
 
 
 def packed_problem(lengths, h, r, p, *, decay=(-3.0, 0.0), seed=0):

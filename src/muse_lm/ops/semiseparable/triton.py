@@ -426,9 +426,13 @@ def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | N
     shape = (B, T, H, P, R, NC) (`_layout`): bf16 for bf16 inputs when the fused walk runs
     with compact states (None: `fused_states.use_compact_states`), else fp32. The custom op's fake
     implementation asks the same question, so compiled graphs see the dtype the kernels write."""
+    return _state_dtype(x_dtype, _fused_walk(fused_states, two_levels, shape), compact_states)
+
+
+def _state_dtype(x_dtype: torch.dtype, fused: bool, compact_states: bool | None) -> torch.dtype:
+    """`saved_state_dtype` once the walk is known (`_forward` has decided it already)."""
     from muse_lm.ops.semiseparable.fused_states import resolve_compact_states
 
-    fused = _fused_walk(fused_states, two_levels, shape)
     # bf16 only: a state sums a whole sequence's contributions, and without decay it can pass fp16's
     # 65504 where bf16 (fp32's range) cannot; fp32 inputs keep fp32 states.
     if compact_states and x_dtype != torch.bfloat16:
@@ -439,6 +443,25 @@ def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | N
         )
     compact = resolve_compact_states(compact_states, fused)
     return x_dtype if compact and x_dtype == torch.bfloat16 else torch.float32
+
+
+def _chunk_states(a, b, log_a, states, init, layout, config, two_levels, fused: bool, reverse: bool, meta):
+    """Writes each chunk's state into `states` (forward: a, b = u, x, the state entering the chunk;
+    backward, reverse: v, dY, the gradient of the state leaving it) by the fused walk or by the chunk
+    kernel + `state_pass`; returns (the final states, or d initial_state, and the tensor the later
+    kernels take as their chunk table: the table itself, or any tensor when there is none)."""
+    shape, chunk, table, n_seq = layout
+    if fused:
+        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
+
+        final = fused_chunk_states(a, b, log_a, states, init, n_seq, chunk, table, reverse=reverse)
+        return final, states if table is None else table  # never read without VARLEN
+    bsz, _, h, _, _, nc = shape
+    g = torch.empty(bsz * h, nc, device=a.device, dtype=torch.float32)
+    tab = g if table is None else table
+    _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (a, b, log_a, states, g, tab),
+                   FROM_START=reverse, **meta)
+    return state_pass(states, g, init, n_seq, h, table, reverse=reverse, two_levels=two_levels), tab
 
 
 def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fused_states=None,
@@ -452,7 +475,7 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fus
         raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
     # Compact: bf16 inputs keep their saved chunk states in bf16 (the walk itself runs in fp32
     # registers); half the states' traffic and memory, for an error below the bf16 output's own.
-    state_dtype = saved_state_dtype(x.dtype, shape, fused_states, two_levels, compact_states)
+    state_dtype = _state_dtype(x.dtype, fused, compact_states)
     states = torch.empty(b, h, nc, r, p, device=x.device, dtype=state_dtype)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
         out.zero_()
@@ -460,17 +483,7 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fus
         return out, (final if initial_state is None else final + initial_state), states
     init = None if initial_state is None else initial_state.contiguous()
     meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
-    if fused:
-        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
-
-        final = fused_chunk_states(u, x, log_a, states, init, n_seq, chunk, table, reverse=False)
-        tab = states if table is None else table  # never read without VARLEN
-    else:
-        g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-        tab = g if table is None else table
-        _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (u, x, log_a, states, g, tab),
-                       FROM_START=False, **meta)
-        final = state_pass(states, g, init, n_seq, h, table, reverse=False, two_levels=two_levels)
+    final, tab = _chunk_states(u, x, log_a, states, init, layout, config, two_levels, fused, False, meta)
     _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out, tab),
                    **meta)
     return out, final, states
@@ -492,17 +505,7 @@ def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_le
     # The fused walk stores the states' gradients like the forward stored the states (compact or fp32);
     # the unfused walk accumulates in place and needs fp32.
     dstates = torch.empty(states.shape, device=x.device, dtype=states.dtype if fused else torch.float32)
-    if fused:
-        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
-
-        d_init = fused_chunk_states(v, dy, log_a, dstates, dfinal, n_seq, chunk, table, reverse=True)
-        tab = states if table is None else table  # never read without VARLEN
-    else:
-        g = torch.empty(b * h, nc, device=x.device, dtype=torch.float32)
-        tab = g if table is None else table
-        _launch_chunks(_chunk_state_kernel, _chunk_state_tuned, shape, config, (v, dy, log_a, dstates, g, tab),
-                       FROM_START=True, **meta)
-        d_init = state_pass(dstates, g, dfinal, n_seq, h, table, reverse=True, two_levels=two_levels)
+    d_init, tab = _chunk_states(v, dy, log_a, dstates, dfinal, layout, config, two_levels, fused, True, meta)
     dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
     dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
     _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx, tab), **meta)
