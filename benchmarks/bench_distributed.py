@@ -85,7 +85,7 @@ def _state_bytes(trainer) -> dict:
             loss = trainer.engine(x.to(trainer.device), y.to(trainer.device))
         loss.backward()
 
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.clear_grads()  # as between training steps: DDP's gradients stay views into its buckets
     with trainer._grad_sync(last_micro=False):  # no gradient reduction before a step's last micro-batch
         backward(0)
     torch.cuda.synchronize()
@@ -93,7 +93,7 @@ def _state_bytes(trainer) -> dict:
     backward(1)
     params = sum(nbytes(p) for p in trainer.model.parameters())
     grads = sum(nbytes(p.grad) for p in trainer.model.parameters() if p.grad is not None)
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.clear_grads()
     optim = sum(nbytes(v) for s in trainer.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
     return {"params": params, "grads": grads, "optimizer": optim, "total": params + grads + optim,

@@ -432,12 +432,16 @@ class Trainer:
     def _end_step(self) -> None:
         self.scheduler.step()
         self._scale_lr(self.policy.lr_scale)
-        # Under DDP the gradients are views into the all-reduce buckets: zeroed in place they stay
-        # views, and the next step's no_sync micro-batches accumulate into the buckets. Set to None,
-        # they would accumulate into fresh tensors beside the buckets (a second copy of every
-        # gradient until the reducer copies it back). Elsewhere None frees them between steps.
-        self.optimizer.zero_grad(set_to_none=self.parallel != "ddp")
+        self.clear_grads()
         self.step += 1
+
+    def clear_grads(self) -> None:
+        """Clears the gradients between steps. Under DDP they are views into the all-reduce buckets:
+        zeroed in place they stay views, and the next step's no_sync micro-batches accumulate into the
+        buckets. Set to None, they would accumulate into fresh tensors beside the buckets (a second
+        copy of every gradient until the reducer copies it back; measured on 2 H100s: the 24gb peak
+        per GPU went from 16.8-17.6 GiB to 16.0, against 15.8 on one GPU). Elsewhere None frees them."""
+        self.optimizer.zero_grad(set_to_none=self.parallel != "ddp")
 
     def _after_verdicts(self, judged: list[tuple]) -> None:
         """Snapshots and ladder actions for the verdicts just reached, oldest first. The state
