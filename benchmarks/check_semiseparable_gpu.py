@@ -54,7 +54,10 @@ PACKED_TOKENS, PACKED_MAX_LEN = 16384, 70
 STEP_BATCHES = (1, 8, 64)
 # The mixer's shapes for the fused walk: 65536 tokens a step as (B, T), H 16, P = R = 64.
 FUSED_TOKENS, FUSED_T, FUSED_HEADS, FUSED_DIM = 65536, (2048, 8192), 16, 64
-FUSED_SAME_TOL = 1e-4  # fused vs unfused, bf16 data: the same tf32 products summed in another order
+# Fused vs unfused, bf16 data: the same products summed in another order. The fp32 states and final
+# state agree to fp32 rounding; a bf16 output can then round to the neighbouring bf16 value (2^-8 of
+# the largest element at most, seen at T 8192: 9e-4).
+FUSED_SAME_TOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-8}
 
 
 def _rel(a, b) -> float:
@@ -235,10 +238,11 @@ def _fused_walk_shape(b: int, t: int) -> dict:
         y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, **kw)
         grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, fused_states=kw["fused_states"])
         got[name] = (y, f, *grads, states)
-    same = {n: _rel(a, b_) for n, a, b_ in zip((*NAMES, "states"), got["fused"], got["unfused"])}
+    pairs = list(zip((*NAMES, "states"), got["fused"], got["unfused"]))
+    same = {n: _rel(a, b_) for n, a, b_ in pairs}
     finite = all(bool(torch.isfinite(g).all()) for one in got.values() for g in one)
-    checks = dict(fused_vs_unfused=dict(rel_err=same, finite=finite,
-                                        ok=finite and all(e <= FUSED_SAME_TOL for e in same.values())))
+    close = all(same[n] <= FUSED_SAME_TOL[b_.dtype] for n, _, b_ in pairs)
+    checks = dict(fused_vs_unfused=dict(rel_err=same, finite=finite, ok=finite and close))
     for name in FUSED_VARIANTS:
         errs = _errors(got[name][:-1], want)
         checks[name] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))

@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh scans|fixes|scan_tests|htt|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh scans|scan_tests|htt|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh scans|fixes|scan_tests|htt|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -39,6 +39,13 @@ case "$PART" in
     step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
     step prune 60 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
     step bk_seq_check 90 python3 benchmarks/check_bk_seq_gpu.py --out "$OUT/bk_seq.json"
+    ;;
+  fixes)
+    # The graph pool release with one capture stream, the inference preset's memory by phase, and the
+    # mixer with the fused walk and compact states on by default.
+    step pool_test 150 "${PYTEST[@]}" tests/gpu/test_graphed_step_gpu.py -k gives_the_pool_back
+    step inference_memory 120 python3 benchmarks/probe_inference_memory.py --out "$OUT/inference_memory.json"
+    step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
     ;;
   scan_tests)
     step ssd_tests 240 "${PYTEST[@]}" tests/gpu/test_semiseparable_gpu.py
@@ -74,5 +81,5 @@ case "$PART" in
     step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 110 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (scans, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
+  *) echo "unknown part $PART (scans, fixes, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
 esac

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 NAMES = ("x", "u", "v", "log_a", "initial_state")
 # The walk over chunk states: the chunk kernel + `state_pass` (default), or the fused walk.
-WALKS = {"unfused": {}, "fused": {"fused_states": True}}
+WALKS = {"default": {}, "unfused": {"fused_states": False}}
 
 
 def _rel(a, b):

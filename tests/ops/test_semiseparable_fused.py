@@ -228,8 +228,11 @@ def test_compact_states_are_bf16_only():
     for dtype in (torch.float16, torch.float32):
         with pytest.raises(ValueError, match="needs bf16 inputs"):
             saved_state_dtype(dtype, shape, fused_states=True, compact_states=True)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert saved_state_dtype(dtype, shape, fused_states=True) == torch.float32  # the policy is off
+    # None follows the policy (on): bf16 inputs keep bf16 states, fp16 and fp32 inputs fp32 ones.
+    assert saved_state_dtype(torch.bfloat16, shape, fused_states=True) == torch.bfloat16
+    for dtype in (torch.float16, torch.float32):
+        assert saved_state_dtype(dtype, shape, fused_states=True) == torch.float32
+    assert saved_state_dtype(torch.bfloat16, shape, fused_states=False) == torch.float32  # unfused: fp32
 
 
 def test_compact_states_need_the_fused_walk():
@@ -301,9 +304,10 @@ def test_policy_and_exclusive_arguments(monkeypatch):
     import muse_lm.ops.semiseparable.fused_states as fs
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
-    assert fs.FUSED_STATES_BY_DEFAULT is False
+    assert fs.FUSED_STATES_BY_DEFAULT is True and fs.COMPACT_STATES_BY_DEFAULT is True  # measured on an H100
+    monkeypatch.setattr(fs, "FUSED_STATES_BY_DEFAULT", False)
     assert not fs.use_fused_states(16, 1024, 4096) and not fs.use_fused_states(512, 32, 4096)
-    # None follows the policy, which is off: the default path is the unfused one, whatever two_levels says.
+    # None follows the policy; off, the default path is the unfused one, whatever two_levels says.
     assert not any(fs.resolve_fused_states(None, two, 16, 128, 4096) for two in (None, False, True))
     assert fs.resolve_fused_states(True, None, 16, 128, 4096) and fs.resolve_fused_states(True, False, 1, 2, 3)
     assert not fs.resolve_fused_states(False, None, 16, 128, 4096)

@@ -125,8 +125,9 @@ def test_autotuned_launch_path_with_a_stub_benchmark(monkeypatch):
         monkeypatch.setitem(tuned.__dict__, "do_bench", stub)  # a cached_property: bypass its getter
         monkeypatch.setattr(tuned, "cache", {})
     x, u, v, log_a, h0, dy, dfinal = problem(2, 40, 2, 5, 40, seed=12)
-    y, final, states = ssd.semiseparable_forward(x, u, v, log_a, h0, 16)
-    grads = ssd.semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16)
+    # The unfused walk: its chunk-state kernel is one of the four (the fused walk has its own test).
+    y, final, states = ssd.semiseparable_forward(x, u, v, log_a, h0, 16, fused_states=False)
+    grads = ssd.semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, fused_states=False)
     y_ref, f_ref, grads_ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal)
     assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL
     for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
@@ -238,20 +239,19 @@ def test_cu_seqlens_many_short_documents_every_config(cfg_index):
     cfg = CONFIGS[cfg_index]
     x, u, v, log_a, h0, dy, dfinal, cu = packed_problem(LENGTHS, 2, 5, 20, seed=cfg_index)
     y_ref, f_ref, grads_ref = packed_reference(x, u, v, log_a, h0, dy, dfinal, cu)
-    for two_levels in [bool(cfg_index % 2)]:  # both walks, over the configs (the interpreter is slow)
-        poison = torch.full_like(x, float("nan"))
-        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, cfg, out=poison, cu_seqlens=cu,
-                                                 two_levels=two_levels)
-        assert torch.isfinite(y).all() and final.shape == h0.shape
-        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, (cfg, two_levels)
-        # An empty document passes its initial state (and the final state's gradient) straight through.
-        torch.testing.assert_close(final[0], h0[0])
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, cfg, cu_seqlens=cu,
-                                       two_levels=two_levels)
-        for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
-            assert got.shape == want.shape and torch.isfinite(got).all(), name
-            assert rel(got, want) < TOL, (name, cfg, two_levels)
-        torch.testing.assert_close(grads[4][6], dfinal[6])
+    # The three walks (unfused one-level, two-level, fused), over the configs (the interpreter is slow).
+    walk = (dict(two_levels=False, fused_states=False), dict(two_levels=True), dict(fused_states=True))[cfg_index % 3]
+    poison = torch.full_like(x, float("nan"))
+    y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, cfg, out=poison, cu_seqlens=cu, **walk)
+    assert torch.isfinite(y).all() and final.shape == h0.shape
+    assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, (cfg, walk)
+    # An empty document passes its initial state (and the final state's gradient) straight through.
+    torch.testing.assert_close(final[0], h0[0])
+    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, cfg, cu_seqlens=cu, **walk)
+    for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
+        assert got.shape == want.shape and torch.isfinite(got).all(), name
+        assert rel(got, want) < TOL, (name, cfg, walk)
+    torch.testing.assert_close(grads[4][6], dfinal[6])
 
 
 @interp
