@@ -259,10 +259,10 @@ def _fused_walk_shape(b: int, t: int) -> dict:
     return dict(checks=checks, timings=timings)
 
 
-def fused_walk() -> dict:
+def fused_walk(lengths: tuple[int, ...] = FUSED_T) -> dict:
     """The fused chunk-state walk at the mixer shapes (65536 tokens as B x T, H 16, P = R = 64)."""
     out = {}
-    for t in FUSED_T:
+    for t in lengths:
         b = FUSED_TOKENS // t
         key = f"B{b}-T{t}-H{FUSED_HEADS}-P{FUSED_DIM}-R{FUSED_DIM}-bf16"
         out[key] = _fused_walk_shape(b, t)
@@ -290,7 +290,7 @@ def step_kernel() -> dict:
     return out
 
 
-def _sections(result: dict, parts: set[str]) -> None:
+def _sections(result: dict, parts: set[str], fused_t: tuple[int, ...] = FUSED_T) -> None:
     """The shape checks and timings ("shapes"), then the named sections, each written into `result`."""
     if "shapes" in parts:
         for shape in SHAPES:
@@ -305,7 +305,7 @@ def _sections(result: dict, parts: set[str]) -> None:
             result["timings"][key] = time_shape(shape)
             print(key, json.dumps(result["timings"][key]), flush=True)
     for name, fn in (("cu_seqlens", packed_documents), ("second_level", second_level), ("step", step_kernel),
-                     ("fused_states", fused_walk)):
+                     ("fused_states", lambda: fused_walk(fused_t))):
         if name in parts:
             result[name] = fn()
             print(name, json.dumps(result[name]), flush=True)
@@ -328,6 +328,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ssd.json"))
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--fused-t", default=",".join(map(str, FUSED_T)),
+                        help="fused_states part: comma list of T (65536 tokens as B x T each)")
     args = parser.parse_args()
     parts = {p for p in args.parts.split(",") if p}
     if not parts or parts - set(PARTS):
@@ -344,7 +346,9 @@ def main() -> None:
         checks={},
         timings={},
     )
-    _sections(result, parts)
+    fused_t = tuple(int(t) for t in args.fused_t.split(",") if t)
+    result["fused_t"] = list(fused_t)
+    _sections(result, parts, fused_t)
     result["all_ok"] = _all_ok(result)
     result["wall_s"] = time.time() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

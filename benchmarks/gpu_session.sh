@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh scans|fixes|scan_tests|htt|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh scans|fixes|scan_tests|htt|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,6 +47,14 @@ case "$PART" in
     step inference_memory 120 python3 benchmarks/probe_inference_memory.py --out "$OUT/inference_memory.json"
     step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
     ;;
+  final)
+    # fp32 LNS tiles that do not spill (decode memory), the fused walk at long T, pruning on the GPU.
+    step inference_memory 100 python3 benchmarks/probe_inference_memory.py --out "$OUT/inference_memory.json"
+    step lns_tests 120 "${PYTEST[@]}" tests/gpu/test_lns_linear_gpu.py
+    step fused_long 100 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --fused-t 16384,65536 \
+      --out "$OUT/ssd_fused_long.json"
+    step prune 170 python3 benchmarks/prune_ranks.py --device cuda --time-shape 64x1024 --out "$OUT/prune_ranks.json"
+    ;;
   scan_tests)
     step ssd_tests 240 "${PYTEST[@]}" tests/gpu/test_semiseparable_gpu.py
     step linrec_tests 120 "${PYTEST[@]}" tests/gpu/test_linear_recurrence_gpu.py
@@ -81,5 +89,5 @@ case "$PART" in
     step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 110 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (scans, fixes, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
+  *) echo "unknown part $PART (scans, fixes, final, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
 esac

@@ -40,13 +40,13 @@ def test_interpreter_suite(interpreter_run):
 
 @interp
 def test_every_config_matches_the_reference_forward_and_dx():
-    from muse_lm.ops.lns_linear.triton import CONFIGS, lns_matmul_dx, lns_matmul_forward
+    from muse_lm.ops.lns_linear.triton import CONFIGS, FP32_CONFIGS, lns_matmul_dx, lns_matmul_forward
 
     x, codes, scale, bias, grad = _problem()
     w = lns_decode(codes, scale).double()
     ref = x.double() @ w.t() + bias.double()
     dx_ref = grad.double() @ w
-    for cfg in CONFIGS:
+    for cfg in CONFIGS + FP32_CONFIGS:
         for b in (bias, None):
             poison = torch.full((M, N), float("nan"))
             y = lns_matmul_forward(x, codes, scale, b, cfg, out=poison)
@@ -115,7 +115,7 @@ def test_triton_on_cpu_without_interpreter_is_refused():
 
 
 def test_config_validation_and_shared_memory_estimates():
-    from muse_lm.ops.lns_linear.triton import CONFIGS, LNSLinearConfig, usable_configs
+    from muse_lm.ops.lns_linear.triton import CONFIGS, FP32_CONFIGS, LNSLinearConfig, configs_for, usable_configs
 
     with pytest.raises(ValueError, match="power of two"):
         LNSLinearConfig(48, 64, 32, 4, 2)
@@ -126,3 +126,8 @@ def test_config_validation_and_shared_memory_estimates():
     assert any(c.smem_bytes(2) <= 99 * 1024 for c in CONFIGS)
     assert all(c.smem_bytes(2) <= 227 * 1024 for c in CONFIGS)
     assert usable_configs(torch.device("cpu")) == CONFIGS
+    # fp32 inputs autotune over their own small tiles (CONFIGS' spill to a 10-22 KB stack at fp32).
+    assert usable_configs(torch.device("cpu"), 4) == FP32_CONFIGS == configs_for(torch.float32)
+    assert configs_for(torch.bfloat16) == configs_for(torch.float16) == CONFIGS
+    assert len(set(FP32_CONFIGS)) == len(FP32_CONFIGS) and not set(FP32_CONFIGS) & set(CONFIGS)
+    assert all(c.smem_bytes(4) <= 99 * 1024 for c in FP32_CONFIGS)

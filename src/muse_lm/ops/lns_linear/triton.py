@@ -33,9 +33,11 @@ from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
     "CONFIGS",
+    "FP32_CONFIGS",
     "LNSLinearConfig",
     "DECODE_GEMM_MIN_ROWS",
     "LNSLinearTriton",
+    "configs_for",
     "decode_weight",
     "lns_linear_triton",
     "lns_matmul_dx",
@@ -85,6 +87,25 @@ CONFIGS = (
     LNSLinearConfig(64, 128, 64, 4, 3),  # 64 KiB: fewer rows (short prompts)
     LNSLinearConfig(16, 64, 128, 4, 3, group_m=1),  # 52 KiB: a few rows (decode steps)
 )
+# fp32 inputs (generation keeps fp32 weights) get exact fp32 dots, which sm_90 has no tensor-core
+# instruction for: Triton lowers them to FMAs, and CONFIGS' large tiles then spill to a 10-22 KB
+# stack per thread (offline ptxas for sm_90: benchmarks/ptxas_decode_kernels.py). The driver sizes
+# the context's local memory for the largest frame launched, for every resident thread (132 SMs x
+# 2048), and keeps it: the autotuner's trial of 128 x 128 x 64 alone left 5.2 GiB held outside the
+# allocator on an H100 (benchmarks/probe_inference_memory.py). These small tiles compile with no
+# stack at all (190-210 registers).
+FP32_CONFIGS = (
+    LNSLinearConfig(16, 64, 32, 4, 3, group_m=1),
+    LNSLinearConfig(16, 128, 32, 4, 3, group_m=1),
+    LNSLinearConfig(32, 64, 32, 4, 3, group_m=1),
+    LNSLinearConfig(32, 128, 32, 8, 3, group_m=1),
+    LNSLinearConfig(16, 64, 64, 8, 3, group_m=1),
+)
+
+
+def configs_for(dtype: torch.dtype) -> tuple[LNSLinearConfig, ...]:
+    """The autotuner's search space for inputs of `dtype`: FP32_CONFIGS for fp32, else CONFIGS."""
+    return FP32_CONFIGS if dtype == torch.float32 else CONFIGS
 
 
 @functools.cache
@@ -94,11 +115,13 @@ def _max_shared_mem(device_index: int) -> int:
 
 
 def usable_configs(device: torch.device, elem_bytes: int = 2) -> tuple[LNSLinearConfig, ...]:
-    """CONFIGS whose shared-memory estimate fits `device` (all of them off CUDA / in the interpreter)."""
+    """The configs autotuned for inputs of `elem_bytes` (4: FP32_CONFIGS, else CONFIGS) whose
+    shared-memory estimate fits `device` (all of them off CUDA / in the interpreter)."""
+    declared = FP32_CONFIGS if elem_bytes == 4 else CONFIGS
     if device.type != "cuda":
-        return CONFIGS
+        return declared
     limit = _max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
-    return tuple(c for c in CONFIGS if c.smem_bytes(elem_bytes) <= limit)
+    return tuple(c for c in declared if c.smem_bytes(elem_bytes) <= limit)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -115,9 +138,9 @@ def _prune_configs(configs, named_args, **kwargs):
     return fit or [min(configs, key=need)]
 
 
-def _triton_configs() -> list[triton.Config]:
+def _triton_configs(configs: tuple[LNSLinearConfig, ...]) -> list[triton.Config]:
     return [triton.Config({"BM": c.block_m, "BN": c.block_n, "BK": c.block_k, "GROUP_M": c.group_m},
-                          num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
+                          num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
 
 
 @triton.jit
@@ -201,8 +224,11 @@ def _lns_mm_kernel(
 
 
 # Tuned once per (M, P, Q) and direction; the dtype of the tensors is part of Triton's key too.
-_lns_mm_tuned = triton.autotune(configs=_triton_configs(), key=["M", "P", "Q", "TRANS_W"],
+# fp32 inputs have their own search space (FP32_CONFIGS: tiles that do not spill).
+_lns_mm_tuned = triton.autotune(configs=_triton_configs(CONFIGS), key=["M", "P", "Q", "TRANS_W"],
                                 prune_configs_by={"early_config_prune": _prune_configs})(_lns_mm_kernel)
+_lns_mm_tuned_fp32 = triton.autotune(configs=_triton_configs(FP32_CONFIGS), key=["M", "P", "Q", "TRANS_W"],
+                                     prune_configs_by={"early_config_prune": _prune_configs})(_lns_mm_kernel)
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -220,9 +246,10 @@ def _launch(a: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None, out: T
     flags = dict(TRANS_W=trans_w, HAS_BIAS=bias is not None, DOT_F32=a.dtype == torch.float32,
                  INTERPRET=interpreter_enabled())
     if config is None and not interpreter_enabled():
-        _lns_mm_tuned[lambda meta: (triton.cdiv(m_rows, meta["BM"]) * triton.cdiv(p, meta["BN"]),)](*args, **flags)
+        tuned = _lns_mm_tuned_fp32 if a.dtype == torch.float32 else _lns_mm_tuned
+        tuned[lambda meta: (triton.cdiv(m_rows, meta["BM"]) * triton.cdiv(p, meta["BN"]),)](*args, **flags)
         return
-    cfg = config or CONFIGS[3]
+    cfg = config or (FP32_CONFIGS[0] if a.dtype == torch.float32 else CONFIGS[3])
     if a.is_cuda and cfg.smem_bytes(a.element_size()) > _max_shared_mem(a.device.index or 0):
         raise ValueError(f"lns_linear: {cfg} needs ~{cfg.smem_bytes(a.element_size())} bytes of shared "
                          f"memory, more than this GPU has; pick one of usable_configs(device)")
@@ -245,7 +272,8 @@ def lns_matmul_forward(x2d: Tensor, codes: Tensor, scale: Tensor, bias: Tensor |
     """x [M, K] @ decode(codes [N, K], scale [N])^T + bias [N] -> [M, N] in x's dtype (no autograd).
 
     `out` (contiguous [M, N], x's dtype) is written in place when given (tests poison it).
-    config None autotunes over `CONFIGS` on CUDA (CONFIGS[3] under the interpreter)."""
+    config None autotunes over `configs_for(x.dtype)` on CUDA (CONFIGS[3], or FP32_CONFIGS[0] for fp32,
+    under the interpreter)."""
     _check(x2d, codes, scale)
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     shape = (x2d.shape[0], codes.shape[0])
