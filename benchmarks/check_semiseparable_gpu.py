@@ -56,9 +56,25 @@ STEP_BATCHES = (1, 8, 64)
 # The mixer's shapes for the fused walk: 65536 tokens a step as (B, T), H 16, P = R = 64.
 FUSED_TOKENS, FUSED_T, FUSED_HEADS, FUSED_DIM = 65536, (2048, 8192), 16, 64
 # Fused vs unfused, bf16 data: the same products summed in another order. The fp32 states and final
-# state agree to fp32 rounding; a bf16 output can then round to the neighbouring bf16 value: one bf16
-# step in the largest element's binade is 2^-7 of it (seen on the H100: 9e-4 at T 8192, 4e-3 at 16384).
-FUSED_SAME_TOL = {torch.float32: 1e-4, torch.bfloat16: 2.0**-7}
+# state agree to fp32 rounding (max |a - b| / max |b| <= 1e-4). A bf16 tensor may then round each
+# element to the neighbouring bf16 value: one bf16 step is at most 2^-7 of the element, plus a floor of
+# 1e-3 of the largest element for values near zero (cancellation). Checked element by element, so a
+# real difference in one walk is not hidden by the largest element.
+FP32_SAME_TOL, BF16_STEP, BF16_FLOOR = 1e-4, 2.0**-7, 1e-3
+
+
+def _same_ratio(a, b) -> float:
+    """Worst |a - b| over what rounding explains, for tensors of one dtype (<= 1 passes): fp32 tensors
+    against FP32_SAME_TOL x max |b|; bf16 ones element by element against one bf16 step plus a floor."""
+    if b.numel() == 0:
+        return 0.0
+    dtype = b.dtype
+    a, b = a.double(), b.double()
+    diff, top = (a - b).abs(), b.abs().max().clamp_min(1e-30)
+    if dtype != torch.bfloat16:
+        return (diff.max() / (FP32_SAME_TOL * top)).item()
+    allowed = BF16_STEP * torch.maximum(a.abs(), b.abs()) + BF16_FLOOR * top
+    return (diff / allowed).max().item()
 
 
 def _rel(a, b) -> float:
@@ -222,7 +238,8 @@ def second_level() -> dict:
     return out
 
 
-# The variants timed: the default (unfused) walk, the fused walk, and the fused walk saving bf16 states.
+# The variants timed: the unfused walk, the fused walk with fp32 states, and the fused walk saving bf16
+# states (the default for bf16 inputs where the one-level walk would run).
 FUSED_VARIANTS = {"unfused": dict(fused_states=False), "fused": dict(fused_states=True, compact_states=False),
                   "fused_compact": dict(fused_states=True, compact_states=True)}
 
@@ -242,8 +259,9 @@ def _fused_walk_shape(b: int, t: int) -> dict:
     pairs = list(zip((*NAMES, "states"), got["fused"], got["unfused"]))
     same = {n: _rel(a, b_) for n, a, b_ in pairs}
     finite = all(bool(torch.isfinite(g).all()) for one in got.values() for g in one)
-    close = all(same[n] <= FUSED_SAME_TOL[b_.dtype] for n, _, b_ in pairs)
-    checks = dict(fused_vs_unfused=dict(rel_err=same, finite=finite, ok=finite and close))
+    ratio = {n: _same_ratio(a, b_) for n, a, b_ in pairs}
+    close = all(r <= 1.0 for r in ratio.values())
+    checks = dict(fused_vs_unfused=dict(rel_err=same, rounding_ratio=ratio, finite=finite, ok=finite and close))
     for name in FUSED_VARIANTS:
         errs = _errors(got[name][:-1], want)
         checks[name] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))

@@ -166,7 +166,8 @@ def estimate_memory(preset: Preset) -> dict:
     """Peak training memory model in GiB (DESIGN.md: max_memory_reserved + CUDA context).
 
     Weights, grads and AdamW moments in fp32 (16 B/param); activations per token and layer from the
-    tensors autograd keeps (bf16 projections, fp32 scan chunks, times a measured calibration), all layers' worth without
+    tensors autograd keeps (bf16 projections, the scan's chunk states counted in fp32, though bf16 inputs now
+    save them in bf16, times a measured calibration), all layers' worth without
     activation checkpointing, one layer plus every block input with it; the fused head keeps only a
     [tokens x vocab block] fp32 tile. Calibrated against measurements in the model-benchmark issue.
     """

@@ -3,9 +3,9 @@ boundaries, fp32 and bf16 inputs, y, the final state and every gradient vs the f
 NaN-poisoned first), strong decays, the configs kept under a 99 KB shared-memory cap, the autotuned
 public op with autograd at the 8gb layer's shape, the AR-SSM layer training on it, packed documents
 (cu_seqlens, hundreds of 0..70-token documents), the one- and two-level walks over chunk states at
-long T, the fused chunk-state walk (fused_states=True: the shape/dtype tests again, and every declared
-walk config NaN-poisoned against the unfused walk), the one-token step kernel, and impl=None choosing
-the kernels on CUDA. Skipped without CUDA."""
+long T, the fused chunk-state walk (the default where one level would run; the shape/dtype tests run
+the default, unfused and fused walks, and every declared walk config NaN-poisoned against the unfused
+walk), the one-token step kernel, and impl=None choosing the kernels on CUDA. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -18,8 +18,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # Max |error| / max |reference|: fp32 inputs keep fp32 products; bf16 rounds the tensor-core operands.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 NAMES = ("x", "u", "v", "log_a", "initial_state")
-# The walk over chunk states: the chunk kernel + `state_pass` (default), or the fused walk.
-WALKS = {"default": {}, "unfused": {"fused_states": False}}
+# The walk over chunk states: the default (the fused walk with bf16 states for bf16 inputs where the
+# one-level walk would run, else two levels), the chunk kernel + `state_pass` (unfused), and the fused
+# walk with fp32 states whatever the shape.
+WALKS = {"default": {}, "unfused": {"fused_states": False}, "fused": {"fused_states": True, "compact_states": False}}
 
 
 def _rel(a, b):
@@ -45,7 +47,7 @@ def _reference(x, u, v, log_a, h0, dy, dfinal):
 
 
 def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
-    """kw: cu_seqlens, two_levels, fused_states for the kernels."""
+    """kw: cu_seqlens, two_levels, fused_states (and compact_states, forward only) for the kernels."""
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
     x, u, v, log_a, h0, dy, dfinal = args
@@ -54,7 +56,8 @@ def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
     y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, cfg, out=poison, **kw)
     assert torch.isfinite(y).all() and torch.isfinite(final).all(), cfg
     assert _rel(y, y_ref) < TOL[dtype] and _rel(final, f_ref) < TOL[dtype], cfg
-    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **kw)
+    back = {k: val for k, val in kw.items() if k != "compact_states"}  # the states' dtype tells the backward
+    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **back)
     for name, got, want in zip(NAMES, grads, grads_ref):
         assert got.shape == want.shape and torch.isfinite(got).all(), (name, cfg)
         assert _rel(got, want) < TOL[dtype], (name, cfg, _rel(got, want))
@@ -191,7 +194,7 @@ def test_cu_seqlens_many_short_documents_every_config_both_walks(dtype):
     args, cu = _packed(lengths.tolist(), 3, 32, 64, dtype, seed=5)
     ref = _packed_reference(args, cu)
     for cfg in CONFIGS:
-        for walk in (dict(two_levels=False), dict(two_levels=True), dict(fused_states=True)):
+        for walk in (dict(two_levels=False, fused_states=False), dict(two_levels=True), dict(fused_states=True)):
             _check_config(cfg, args, ref, dtype, cu_seqlens=cu, **walk)
 
 
@@ -224,8 +227,9 @@ def test_two_level_walk_at_long_t_matches_one_level_and_reference(t):
     y_ref, f_ref, grads_ref = _reference(*args)
     outs = {}
     for two_levels in (False, True):
-        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 64, two_levels=two_levels)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 64, two_levels=two_levels)
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 64, two_levels=two_levels, fused_states=False)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 64, two_levels=two_levels,
+                                       fused_states=False)
         assert _rel(y, y_ref) < 1e-4 and _rel(final, f_ref) < 1e-4, two_levels
         for name, got, want in zip(NAMES, grads, grads_ref):
             assert torch.isfinite(got).all() and _rel(got, want) < 1e-4, (name, two_levels, _rel(got, want))

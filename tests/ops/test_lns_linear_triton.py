@@ -131,3 +131,31 @@ def test_config_validation_and_shared_memory_estimates():
     assert configs_for(torch.bfloat16) == configs_for(torch.float16) == CONFIGS
     assert len(set(FP32_CONFIGS)) == len(FP32_CONFIGS) and not set(FP32_CONFIGS) & set(CONFIGS)
     assert all(c.smem_bytes(4) <= 99 * 1024 for c in FP32_CONFIGS)
+
+
+@pytest.mark.parametrize("dtype, tuner", [(torch.float32, "_lns_mm_tuned_fp32"), (torch.bfloat16, "_lns_mm_tuned")])
+def test_autotuned_launch_takes_the_search_space_of_the_dtype(monkeypatch, dtype, tuner):
+    """On CUDA (here: the interpreter switch off, the autotuners replaced by recorders) fp32 inputs go to
+    the fp32 autotuner over FP32_CONFIGS, 16-bit inputs to the one over CONFIGS."""
+    import muse_lm.ops.lns_linear.triton as lt
+
+    declared = {"_lns_mm_tuned": lt.CONFIGS, "_lns_mm_tuned_fp32": lt.FP32_CONFIGS}
+    for name, configs in declared.items():  # each autotuner searches its own list
+        got = [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps) for c in getattr(lt, name).configs]
+        assert got == [(c.block_m, c.block_n, c.block_k, c.num_warps) for c in configs], name
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **flags: calls.append((self.name, flags["DOT_F32"]))
+
+    monkeypatch.setattr(lt, "interpreter_enabled", lambda: False)
+    for name in ("_lns_mm_tuned", "_lns_mm_tuned_fp32"):
+        monkeypatch.setattr(lt, name, Recorder(name))
+    x, codes, scale, _, _ = _problem()
+    lt.lns_matmul_forward(x.to(dtype), codes, scale)
+    lt.lns_matmul_dx(torch.ones(M, N, dtype=dtype), codes, scale)
+    assert calls == [(tuner, dtype == torch.float32)] * 2

@@ -86,17 +86,20 @@ def test_configs_match_fp64_forward_and_backward(shape, cfg_index):
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
     cfg = _small_configs()[cfg_index]
+    # Alternate configs run the unfused one-level walk and the fused walk (the default, whose own
+    # configs have their own test), so each shape covers both.
+    walk = dict(fused_states=cfg_index % 2 == 1)
     b, t, h, r, p, chunk = shape
     x, u, v, log_a, h0, dy, dfinal = problem(b, t, h, r, p, seed=t + r)
     poison = torch.full_like(x, float("nan"))
-    y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, cfg, out=poison)
+    y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, cfg, out=poison, **walk)
     assert y.data_ptr() == poison.data_ptr() and torch.isfinite(y).all()
     y_ref, f_ref, grads_ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal)
     assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, cfg
-    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg)
+    grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **walk)
     for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
         assert got.shape == want.shape and torch.isfinite(got).all(), name
-        assert rel(got, want) < TOL, (name, cfg)
+        assert rel(got, want) < TOL, (name, cfg, walk)
 
 
 @interp
@@ -275,8 +278,8 @@ def test_cu_seqlens_public_op_autograd_without_initial_state():
 @pytest.mark.parametrize("shape", [(1, 200, 1, 3, 5), (2, 90, 2, 17, 6)], ids=["B1-13chunks", "B2-6chunks"])
 def test_two_level_state_walk_matches_one_level_and_fp64(shape):
     """The two-level walk (groups of chunks in parallel, a walk over groups, a fix-up) against the
-    one-level walk and the fp64 oracle, forward and backward, with strong decays (products that reach
-    zero inside a group) next to a stretch with no decay at all."""
+    unfused and the fused one-level walks and the fp64 oracle, forward and backward, with strong
+    decays (products that reach zero inside a group) next to a stretch with no decay at all."""
     from muse_lm.ops.semiseparable.state_pass import group_size
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
@@ -285,16 +288,19 @@ def test_two_level_state_walk_matches_one_level_and_fp64(shape):
     x, u, v, log_a, h0, dy, dfinal = problem(b, t, h, r, p, decay=(-20.0, -0.5), seed=t)
     log_a[:, t // 3 : t // 2] = 0.0
     y_ref, f_ref, grads_ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal)
+    walks = {"unfused": dict(two_levels=False, fused_states=False), "two_levels": dict(two_levels=True),
+             "fused": dict(fused_states=True)}
     out = {}
-    for two_levels in (False, True):
-        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, two_levels=two_levels)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, two_levels=two_levels)
-        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, two_levels
+    for name_walk, walk in walks.items():
+        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, **walk)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, **walk)
+        assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, name_walk
         for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
-            assert torch.isfinite(got).all() and rel(got, want) < TOL, (name, two_levels)
-        out[two_levels] = (y, final, states, *grads)
-    for one, two in zip(out[False], out[True]):
-        assert rel(two, one) < 1e-5
+            assert torch.isfinite(got).all() and rel(got, want) < TOL, (name, name_walk)
+        out[name_walk] = (y, final, states, *grads)
+    for other in ("two_levels", "fused"):
+        for one, two in zip(out["unfused"], out[other]):
+            assert rel(two, one) < 1e-5, other
 
 
 def triton_cdiv(a, b):

@@ -32,6 +32,7 @@ def test_cpu_thread_warning_names_the_share_of_cores():
     (TWO, CUDA, 16, 32, 2),  # threads already set
     (TWO, CUDA, 1, 2, 2),  # one core per process: nothing to spare
     (TWO, CUDA, 1, None, 2),  # unknown core count
+    (TWO, CUDA, 1, 32, None),  # a launcher that does not say how many processes share the machine
 ])
 def test_cpu_thread_warning_stays_quiet(info, device, threads, cores, local_world):
     assert cpu_thread_warning(info, device, threads, cores, local_world) is None

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from muse_lm.cuda_streams import capture_stream
+
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
     """Sets `capturable=True` on every param group of an AdamW that has not stepped yet: its step
@@ -25,21 +27,6 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
         raise ValueError("make_capturable must run before the optimizer's first step (its state exists)")
     for group in optimizer.param_groups:
         group["capturable"] = True
-
-
-# One capture stream per device for every GraphedStep of the process. With a fresh stream per capture
-# the H100 kept 288 MiB more reserved after each `release()` (three captures: 0.68, 0.99, 1.29 GB);
-# with one stream tests/gpu/test_graphed_step_gpu.py::test_release_gives_the_pool_back passes. The
-# likely holder is per-stream state that is never freed, such as cuBLAS's workspaces, which PyTorch
-# caches per (handle, stream).
-_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _capture_stream() -> torch.cuda.Stream:
-    device = torch.cuda.current_device()
-    if device not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
-    return _CAPTURE_STREAMS[device]
 
 
 class GraphedStep:
@@ -57,7 +44,7 @@ class GraphedStep:
     def __init__(self, step: Callable[[], object], warmup: int = 2, pool: tuple | None = None) -> None:
         if warmup < 1:
             raise ValueError(f"warmup={warmup} must be >= 1: the first call compiles and autotunes")
-        side = _capture_stream()
+        side = capture_stream()  # one per device: see muse_lm.cuda_streams
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):

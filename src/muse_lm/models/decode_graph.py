@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from muse_lm.cuda_streams import capture_stream
 from muse_lm.layers import ARSSMState
 from muse_lm.models.batched_state import States, batch_size
 from muse_lm.models.muse import BlockState, MuseLM
@@ -68,7 +69,7 @@ def capture(body: Callable[[], None], device: torch.device, pool: tuple | None =
     graph with `device` current (`torch.cuda.device(device)`).
     """
     with torch.cuda.device(device):
-        stream = torch.cuda.Stream()
+        stream = capture_stream()  # the current device's: a fresh stream per capture kept memory
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_STEPS):

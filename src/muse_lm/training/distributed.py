@@ -84,25 +84,35 @@ def setup(device: torch.device, *, single_rank_group: bool = False) -> DistInfo:
     if not info.enabled and "MASTER_ADDR" not in os.environ:
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, **kwargs)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    warning = cpu_thread_warning(info, device, torch.get_num_threads(), os.cpu_count(), local_world)
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+    warning = cpu_thread_warning(info, device, torch.get_num_threads(), _usable_cores(), local_world)
     if warning and info.local_rank == 0:
         log.warning(warning)
     return info
 
 
 def cpu_thread_warning(info: DistInfo, device: torch.device, threads: int, cores: int | None,
-                       local_world: int) -> str | None:
+                       local_world: int | None) -> str | None:
     """The warning for GPU workers left with one CPU thread each (torchrun sets OMP_NUM_THREADS=1 unless
-    it is set) while the machine has cores to spare, else None. The eager training step is host-bound:
-    on 2 H100s the 24gb preset's step took 1.70 s (1 GPU) and 1.97 s (DDP) with one thread per process,
-    1.33 and 1.35 s with 16 (docs/distributed.md)."""
-    share = (cores or 1) // max(1, local_world)
-    if not info.enabled or device.type != "cuda" or threads > 1 or share <= 1:
+    it is set) while this machine's `cores` (those the process may run on) have room for more, else None.
+    `local_world`: processes on this machine (torchrun's LOCAL_WORLD_SIZE; None when the launcher does not
+    say, and then nothing is suggested). The eager training step is host-bound: on 2 H100s, DDP's step for
+    the 24gb preset took 1.97 s with one thread per process and 1.27-1.47 s with 16 (docs/distributed.md)."""
+    if not info.enabled or device.type != "cuda" or threads > 1 or not local_world or not cores:
+        return None
+    share = cores // local_world
+    if share <= 1:
         return None
     return (f"each of the {local_world} processes on this machine runs with 1 CPU thread (torchrun's default), "
-            f"with {cores} cores available; the eager step is host-bound and measured 15-30% slower so: set "
-            f"OMP_NUM_THREADS={share} before torchrun")
+            f"with {cores} cores available; the eager step is host-bound (DDP's step measured 34-46% longer "
+            f"so): set OMP_NUM_THREADS={share} before torchrun")
+
+
+def _usable_cores() -> int | None:
+    """Cores this process may run on (its affinity mask, which containers and schedulers narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
 
 
 def teardown() -> None:

@@ -273,7 +273,8 @@ def lns_matmul_forward(x2d: Tensor, codes: Tensor, scale: Tensor, bias: Tensor |
 
     `out` (contiguous [M, N], x's dtype) is written in place when given (tests poison it).
     config None autotunes over `configs_for(x.dtype)` on CUDA (CONFIGS[3], or FP32_CONFIGS[0] for fp32,
-    under the interpreter)."""
+    under the interpreter). An explicit config is run as given: a CONFIGS tile with fp32 inputs is correct
+    but spills (see FP32_CONFIGS)."""
     _check(x2d, codes, scale)
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     shape = (x2d.shape[0], codes.shape[0])

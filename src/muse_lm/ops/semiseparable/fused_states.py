@@ -8,8 +8,8 @@ backward does the same with the states' gradients. Here the local contribution i
 registers inside the walk, so one full write and one full read of the states go away in each
 direction: at bf16, 65536 tokens, 16 heads, P = R = 64, chunk 64 about 1 GB of the scan's ~5 GB
 (fwd+bwd on an H100 took 2.85 ms unfused against 1.49 ms for flash-linear-attention's
-chunk_linear_attn). Whether it is faster is not yet measured on a GPU, so it is off by default
-(`FUSED_STATES_BY_DEFAULT`).
+chunk_linear_attn). Measured on an H100 it is faster at those shapes, 2.85 -> 2.00-2.13 ms with bf16
+states, so it is the default where the one-level walk would run (`FUSED_STATES_BY_DEFAULT`).
 
 The walk (notation of `state_pass.py`'s docstring). Program (row b*h, P-block, R-block) keeps its
 [BR, BP] tile of the state e in fp32 registers (local = (diag(w) A)^T B is separable by rows of R and

@@ -529,17 +529,17 @@ def semiseparable_forward(
     fused_states: bool | None = None,
     compact_states: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32), no
-    autograd.
+    """(y [B,T,H,P] in x's dtype, final state [B|N,H,R,P] fp32, entering states [B,H,NC,R,P] fp32, or
+    bf16 with compact states), no autograd.
 
     x [B,T,H,P], u, v [B,T,H,R] (one dtype: fp32/bf16/fp16), log_a [B,T,H] fp32, initial_state
     [B|N,H,R,P] fp32 or None. cu_seqlens [N+1] (B = 1): packed sequences, each in its own chunks (NC
     counts them all). two_levels: the walk over chunk states in two levels (True), one (False) or
     chosen by `state_pass.use_two_levels` (None). fused_states: the chunk states from the one-level walk
     fused with each chunk's contribution (`fused_states.py`; True, exclusive with two_levels=True), the
-    unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; off for now). `config`
-    sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
-    compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, off for now):
+    unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; on where the one-level
+    walk would run). `config` sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
+    compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, on):
     bf16 inputs save the entering states in bf16 (the backward then keeps the states' gradients so
     too); True with fp16 or fp32 inputs raises (fp16's range could overflow a state). `out`
     (contiguous, shaped and typed like x) is written in place when given (tests poison it). The
