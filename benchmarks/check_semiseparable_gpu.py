@@ -7,17 +7,17 @@ the autotuned kernel and from every declared config, against the fp64 reference 
 |ref|); then the median ms (`do_bench`) of the forward and of forward+backward for the autotuned
 kernel, every config (bf16) and the torch reference (its chunked form, fp32 math). Then (bf16, one
 config, so few extra compiles): packed documents (cu_seqlens, lengths 1..70 over 16384 tokens) checked
-against the fp64 reference with both state walks and timed against the same tokens unpacked; B 1,
-T 65536, H 12 with the two-level walk over chunk states vs the one-level walk (the walk alone and the
-whole forward / forward+backward, checked against each other and the fp64 reference); the one-token
-step kernel vs the torch step at B 1, 8, 64. Then the fused chunk-state walk with fp32 states vs the
-unfused walk (`fused_states=False`: one or two levels, as chosen automatically), and the fused walk
-saving bf16 states (the default where the one-level walk would run), at the mixer shapes (bf16, 65536
-tokens, H 16, P = R = 64, T 2048 and 8192, or `--fused-t`): y, the final state, the entering states and
-every gradient against the fp64 reference (and fused against unfused), and the median ms of the
-forward and of forward+backward of each. `--parts fused_states` runs that section alone. Writes one JSON object
-with the GPU name, versions and git commit. Meant to finish in a few minutes on an H100 (most of it
-compiling and autotuning).
+against the fp64 reference with the unfused walk in one and two levels and timed against the same
+tokens unpacked; B 1, T 65536, H 12 with the unfused two-level walk over chunk states vs the one-level
+walk (the walk alone and the whole forward / forward+backward, checked against each other and the
+fp64 reference); the one-token step kernel vs the torch step at B 1, 8, 64. Then, at the mixer shapes
+(bf16, 65536 tokens, H 16, P = R = 64, T 2048 and 8192, or `--fused-t`; log_a in [-0.01, 0] so states
+carry across chunks), each walk of FUSED_VARIANTS: y, the final state and every gradient against the
+fp64 reference (and the fused walk with fp32 states against the unfused one, states included), the
+median ms of the forward and of forward+backward (the default also with its products widened to
+tf32), and the fused walk alone by group size. `--parts fused_states` runs that section alone. Writes
+one JSON object with the GPU name, versions and git commit. Meant to finish in a few minutes on an
+H100 (most of it compiling and autotuning).
 
     PYTHONPATH=src python3 benchmarks/check_semiseparable_gpu.py --out $OUT/ssd.json
 """
@@ -33,6 +33,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
+import muse_lm.ops.semiseparable.triton as ssd_triton
+from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
 from muse_lm.ops.semiseparable.reference import semiseparable_chunked, semiseparable_step_reference
 from muse_lm.ops.semiseparable.state_pass import state_pass, use_two_levels
 from muse_lm.ops.semiseparable.step_triton import semiseparable_step_forward
@@ -81,11 +83,12 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _problem(b, t, h, p, r, dtype, seed=0):
+def _problem(b, t, h, p, r, dtype, seed=0, decay=2.0):
+    """Inputs with log-decays uniform in [-decay, 0] per token."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x, dy = torch.randn(2, b, t, h, p, device="cuda", generator=gen)
     u, v = torch.randn(2, b, t, h, r, device="cuda", generator=gen)
-    log_a = -2.0 * torch.rand(b, t, h, device="cuda", generator=gen)
+    log_a = -decay * torch.rand(b, t, h, device="cuda", generator=gen)
     h0, dfinal = torch.randn(2, b, h, r, p, device="cuda", generator=gen)
     return x.to(dtype), u.to(dtype), v.to(dtype), log_a, h0, dy.to(dtype), dfinal
 
@@ -189,9 +192,9 @@ def packed_documents() -> dict:
     cfg = default_config(p)
     out = dict(documents=n, config=repr(cfg), checks={}, timings={})
     for two in (False, True):
-        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, cfg, cu_seqlens=cu, two_levels=two)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, cfg, cu_seqlens=cu,
-                                       two_levels=two)
+        walk = dict(cu_seqlens=cu, two_levels=two, fused_states=False)
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, cfg, **walk)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, cfg, **walk)
         errs = _errors((y, f, *grads), want)
         out["checks"][f"two_levels={two}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
     del want
@@ -208,13 +211,13 @@ def second_level() -> dict:
     b, t, h, p, r = LONG
     x, u, v, log_a, h0, dy, dfinal = _problem(*LONG, torch.bfloat16, seed=5)
     nc = triton.cdiv(t, CHUNK)
-    out = dict(shape=dict(B=b, T=t, H=h, P=p, R=r, chunks=nc), default_two_levels=use_two_levels(b * h, nc, r * p),
+    out = dict(shape=dict(B=b, T=t, H=h, P=p, R=r, chunks=nc), unfused_two_levels=use_two_levels(b * h, nc, r * p),
                checks={}, timings={})
     want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal)
     got = {}
     for two in (False, True):
-        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, two_levels=two)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, two_levels=two)
+        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, two_levels=two, fused_states=False)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, two_levels=two, fused_states=False)
         got[two] = (y, f, *grads)
         errs = _errors(got[two], want)
         out["checks"][f"two_levels={two}"] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
@@ -227,8 +230,9 @@ def second_level() -> dict:
         # The walk is in place, so each timed call walks a fresh copy; the copy is timed on its own.
         clone_ms = do_bench(lambda: local.clone(), warmup=5, rep=30, return_mode="median")
         walk_ms = do_bench(walk, warmup=5, rep=30, return_mode="median")
-        fwd = lambda two=two: semiseparable_forward(x, u, v, log_a, None, CHUNK, two_levels=two)  # noqa: E731
-        bwd = lambda res, two=two: semiseparable_backward(x, u, v, log_a, res[2], dy, None, CHUNK, two_levels=two)  # noqa: E731
+        kw = dict(two_levels=two, fused_states=False)
+        fwd = lambda kw=kw: semiseparable_forward(x, u, v, log_a, None, CHUNK, **kw)  # noqa: E731
+        bwd = lambda res, kw=kw: semiseparable_backward(x, u, v, log_a, res[2], dy, None, CHUNK, **kw)  # noqa: E731
         out["timings"][f"two_levels={two}"] = dict(
             state_walk_ms=max(walk_ms - clone_ms, 1e-6), state_walk_with_copy_ms=walk_ms, copy_ms=clone_ms,
             **_bench_pair(fwd, bwd),
@@ -238,10 +242,16 @@ def second_level() -> dict:
     return out
 
 
-# The variants timed: the unfused walk, the fused walk with fp32 states, and the fused walk saving bf16
-# states (the default for bf16 inputs where the one-level walk would run).
-FUSED_VARIANTS = {"unfused": dict(fused_states=False), "fused": dict(fused_states=True, compact_states=False),
-                  "fused_compact": dict(fused_states=True, compact_states=True)}
+# The variants checked and timed: the unfused walk (levels by its policy), the fused walk with fp32 states,
+# and the fused walk saving bf16 states in one level and in two; "default" is the path with no argument
+# (the policies'), timed also with the chunk kernels' dot products all widened to tf32 (RAW off).
+FUSED_VARIANTS = {"unfused": dict(fused_states=False),
+                  "fused": dict(fused_states=True, two_levels=False, compact_states=False),
+                  "fused_compact": dict(fused_states=True, two_levels=False, compact_states=True),
+                  "fused_compact_two_levels": dict(fused_states=True, two_levels=True, compact_states=True),
+                  "default": {}}
+WALK_GROUPS = (None, 4, 8, 16, 32, 64)
+FUSED_DECAY = 0.01  # the fused walk alone: one level, then groups of G chunks
 
 
 def _fused_walk_shape(b: int, t: int) -> dict:
@@ -249,13 +259,15 @@ def _fused_walk_shape(b: int, t: int) -> dict:
     walk against the unfused one), then timed (forward, forward+backward; no initial state, as in the
     model)."""
     h, p = FUSED_HEADS, FUSED_DIM
-    x, u, v, log_a, h0, dy, dfinal = _problem(b, t, h, p, p, torch.bfloat16, seed=t)
+    # Weak decay (e^-0.32 per 64-token chunk at most): states carry across chunks and groups, so the
+    # walks' accuracy is what the checks see (with [-2, 0] per token no state survived a chunk).
+    x, u, v, log_a, h0, dy, dfinal = _problem(b, t, h, p, p, torch.bfloat16, seed=t, decay=FUSED_DECAY)
     want = _fp64_reference(x, u, v, log_a, h0, dy, dfinal)
     got = {}
     for name, kw in FUSED_VARIANTS.items():
-        y, f, states = semiseparable_forward(x, u, v, log_a, h0, CHUNK, **kw)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, CHUNK, fused_states=kw["fused_states"])
-        got[name] = (y, f, *grads, states)
+        fwd, bwd = _pair(kw, h0, dy, dfinal, x, u, v, log_a)
+        res = fwd()
+        got[name] = (*res[:2], *bwd(res), res[2])
     pairs = list(zip((*NAMES, "states"), got["fused"], got["unfused"]))
     same = {n: _rel(a, b_) for n, a, b_ in pairs}
     finite = all(bool(torch.isfinite(g).all()) for one in got.values() for g in one)
@@ -267,15 +279,43 @@ def _fused_walk_shape(b: int, t: int) -> dict:
         checks[name] = dict(rel_err=errs, ok=all(e <= TOL["bf16"] for e in errs.values()))
     del want, got
     timings = {}
-    for name, kw in FUSED_VARIANTS.items():
-        fwd = lambda kw=kw: semiseparable_forward(x, u, v, log_a, None, CHUNK, **kw)  # noqa: E731
-        bwd = lambda res, kw=kw: semiseparable_backward(  # noqa: E731
-            x, u, v, log_a, res[2], dy, None, CHUNK, fused_states=kw["fused_states"])
-        timings[name] = _bench_pair(fwd, bwd)
+    variants = [(name, kw, True) for name, kw in FUSED_VARIANTS.items()] + [("default_widened", {}, False)]
+    for name, kw, raw in variants:
+        fwd, bwd = _pair(kw, None, dy, None, x, u, v, log_a)
+        ssd_triton.RAW_DOTS_BY_DEFAULT = raw
+        try:
+            timings[name] = _bench_pair(fwd, bwd)
+        finally:
+            ssd_triton.RAW_DOTS_BY_DEFAULT = True
     base = timings["unfused"]
     timings["speedup_over_unfused"] = {name: {k: base[k] / timings[name][k] for k in ("fwd_ms", "fwd_bwd_ms")}
-                                       for name in FUSED_VARIANTS if name != "unfused"}
-    return dict(checks=checks, timings=timings)
+                                       for name, _, _ in variants if name != "unfused"}
+    return dict(checks=checks, timings=timings, walk_alone_ms=_walk_groups(u, x, log_a))
+
+
+def _pair(kw: dict, h0, dy, dfinal, x, u, v, log_a):
+    """(fwd, bwd) closures of one variant: `semiseparable_forward` / `_backward` with kw."""
+    back = {k: val for k, val in kw.items() if k != "compact_states"}
+    fwd = lambda: semiseparable_forward(x, u, v, log_a, h0, CHUNK, **kw)  # noqa: E731
+    bwd = lambda res: semiseparable_backward(x, u, v, log_a, res[2], dy, dfinal, CHUNK, **back)  # noqa: E731
+    return fwd, bwd
+
+
+def _walk_groups(u, x, log_a) -> dict:
+    """Median ms of the forward fused walk alone (bf16 states, autotuned) in one level and in groups of
+    G chunks (fewer groups than two skipped)."""
+    b, t, h, r = u.shape
+    nc = triton.cdiv(t, CHUNK)
+    states = torch.empty(b, h, nc, r, x.shape[-1], device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for group in WALK_GROUPS:
+        if group is not None and group * 2 > nc:
+            continue
+        walk = lambda group=group: fused_chunk_states(u, x, log_a, states, None, b, CHUNK, reverse=False,  # noqa: E731
+                                                      group=group)
+        walk()
+        out["one_level" if group is None else f"G{group}"] = do_bench(walk, warmup=5, rep=30, return_mode="median")
+    return out
 
 
 def fused_walk(lengths: tuple[int, ...] = FUSED_T) -> dict:

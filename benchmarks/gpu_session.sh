@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -34,6 +34,13 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider)
 
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$LOG"
 case "$PART" in
+  walks)
+    # The fused walk in one and two levels (and the walk alone by group size), widened vs 16-bit dots,
+    # at every mixer length; then the whole mixer benchmark (scan against SDPA and FLA, layer, bandwidth).
+    step walks 300 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states \
+      --fused-t 1024,2048,8192,16384,65536 --out "$OUT/ssd_walks.json"
+    step mixer 250 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
+    ;;
   scans)
     step fused_check 150 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --out "$OUT/ssd_fused.json"
     step mixer 200 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"

@@ -3,9 +3,10 @@ boundaries, fp32 and bf16 inputs, y, the final state and every gradient vs the f
 NaN-poisoned first), strong decays, the configs kept under a 99 KB shared-memory cap, the autotuned
 public op with autograd at the 8gb layer's shape, the AR-SSM layer training on it, packed documents
 (cu_seqlens, hundreds of 0..70-token documents), the one- and two-level walks over chunk states at
-long T, the fused chunk-state walk (the default where one level would run; the shape/dtype tests run
-the default, unfused and fused walks, and every declared walk config NaN-poisoned against the unfused
-walk), the one-token step kernel, and impl=None choosing the kernels on CUDA. Skipped without CUDA."""
+long T (unfused and fused), the fused chunk-state walk (the default; the shape/dtype tests run the
+default, unfused and fused walks, and every declared walk config NaN-poisoned against the unfused
+walk, two of them in two levels too), the one-token step kernel, and impl=None choosing the kernels on
+CUDA. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -18,9 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # Max |error| / max |reference|: fp32 inputs keep fp32 products; bf16 rounds the tensor-core operands.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 NAMES = ("x", "u", "v", "log_a", "initial_state")
-# The walk over chunk states: the default (the fused walk with bf16 states for bf16 inputs where the
-# one-level walk would run, else two levels), the chunk kernel + `state_pass` (unfused), and the fused
-# walk with fp32 states whatever the shape.
+# The walk over chunk states: the default (the fused walk with bf16 states for bf16 inputs, in one or two
+# levels by policy), the chunk kernel + `state_pass` (unfused), and the fused walk with fp32 states.
 WALKS = {"default": {}, "unfused": {"fused_states": False}, "fused": {"fused_states": True, "compact_states": False}}
 
 
@@ -62,7 +62,7 @@ def _check_config(cfg, args, ref, dtype, chunk=64, **kw):
         assert got.shape == want.shape and torch.isfinite(got).all(), (name, cfg)
         assert _rel(got, want) < TOL[dtype], (name, cfg, _rel(got, want))
     # Partials over P-blocks are summed by torch, no atomics: bitwise reproducible.
-    again = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **kw)
+    again = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, cfg, **back)
     assert all(torch.equal(a, b) for a, b in zip(grads, again)), cfg
 
 
@@ -194,7 +194,8 @@ def test_cu_seqlens_many_short_documents_every_config_both_walks(dtype):
     args, cu = _packed(lengths.tolist(), 3, 32, 64, dtype, seed=5)
     ref = _packed_reference(args, cu)
     for cfg in CONFIGS:
-        for walk in (dict(two_levels=False, fused_states=False), dict(two_levels=True), dict(fused_states=True)):
+        for walk in (dict(two_levels=False, fused_states=False), dict(two_levels=True, fused_states=False),
+                     dict(two_levels=False, fused_states=True), dict(two_levels=True, fused_states=True)):
             _check_config(cfg, args, ref, dtype, cu_seqlens=cu, **walk)
 
 
@@ -226,16 +227,18 @@ def test_two_level_walk_at_long_t_matches_one_level_and_reference(t):
     x, u, v, log_a, h0, dy, dfinal = args
     y_ref, f_ref, grads_ref = _reference(*args)
     outs = {}
-    for two_levels in (False, True):
-        y, final, states = semiseparable_forward(x, u, v, log_a, h0, 64, two_levels=two_levels, fused_states=False)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 64, two_levels=two_levels,
-                                       fused_states=False)
-        assert _rel(y, y_ref) < 1e-4 and _rel(final, f_ref) < 1e-4, two_levels
-        for name, got, want in zip(NAMES, grads, grads_ref):
-            assert torch.isfinite(got).all() and _rel(got, want) < 1e-4, (name, two_levels, _rel(got, want))
-        outs[two_levels] = (y, final, states, *grads)
-    for one, two in zip(outs[False], outs[True]):
-        assert _rel(two, one) < 1e-5
+    for fused in (False, True):
+        for two_levels in (False, True):
+            walk = dict(two_levels=two_levels, fused_states=fused)
+            y, final, states = semiseparable_forward(x, u, v, log_a, h0, 64, **walk)
+            grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 64, **walk)
+            assert _rel(y, y_ref) < 1e-4 and _rel(final, f_ref) < 1e-4, walk
+            for name, got, want in zip(NAMES, grads, grads_ref):
+                assert torch.isfinite(got).all() and _rel(got, want) < 1e-4, (name, walk, _rel(got, want))
+            outs[fused, two_levels] = (y, final, states, *grads)
+    for other in ((False, True), (True, False), (True, True)):
+        for one, two in zip(outs[False, False], outs[other]):
+            assert _rel(two, one) < 1e-5, other
 
 
 def _unfused_walk(a, b, log_a, init, n_seq, table, reverse, chunk=64):
@@ -290,11 +293,14 @@ def test_fused_walk_every_config_matches_the_unfused_walk(shape, dtype):
         cases += [(u, x, log_a, inits[0], n, table, False), (v, dy, log_a, inits[1], n, table, True)]
     for a, bb, la, init, n_seq, table, reverse in cases:
         want_states, want_final = _unfused_walk(a, bb, la, init, n_seq, table, reverse)
-        for cfg in (None, *CONFIGS):  # None: the autotuned launch
+        # None: the autotuned launch; each config in one level, and two of them in two (groups of 4 chunks).
+        runs = [(cfg, None) for cfg in (None, *CONFIGS)] + [(None, 4), (CONFIGS[0], 4)]
+        for cfg, group in runs:
             states = torch.full_like(want_states, float("nan"))
             final = torch.full_like(want_final, float("nan"))
-            fused_chunk_states(a, bb, la, states, init, n_seq, 64, table, reverse=reverse, config=cfg, final=final)
-            where = (cfg, reverse, table is not None)
+            fused_chunk_states(a, bb, la, states, init, n_seq, 64, table, reverse=reverse, config=cfg, final=final,
+                               group=group)
+            where = (cfg, group, reverse, table is not None)
             assert torch.isfinite(states).all() and torch.isfinite(final).all(), where
             assert _rel(states, want_states) < tol and _rel(final, want_final) < tol, where
 
@@ -320,7 +326,10 @@ def test_step_kernel_matches_reference_and_decoding_matches_the_scan(dtype):
         y_t, state = semiseparable_step(x[:, t], u[:, t], v[:, t], log_a[:, t], state)
         ys.append(y_t)
     y_scan, f_scan = semiseparable_scan(x, u, v, log_a, initial_state=h0, output_final_state=True)
-    assert _rel(torch.stack(ys, 1), y_scan) < TOL[dtype] and _rel(state, f_scan) < 1e-4
+    # The step is exact fp32 arithmetic; the scan's chunk states multiply bf16 inputs' decayed rows on
+    # tf32 tensor cores (operands rounded to 2^-11), so their final state differs by ~5e-4 there.
+    state_tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert _rel(torch.stack(ys, 1), y_scan) < TOL[dtype] and _rel(state, f_scan) < state_tol
 
 
 def test_impl_none_picks_the_kernels_on_cuda_and_the_reference_for_fp64():
@@ -329,7 +338,7 @@ def test_impl_none_picks_the_kernels_on_cuda_and_the_reference_for_fp64():
     x, u, v, log_a, h0, _, _ = _problem(1, 10, 2, 4, 8, torch.float32, seed=8)
     leaves = [t.clone().requires_grad_() for t in (x, u, v, log_a)]
     y, _ = semiseparable_scan(*leaves)
-    assert "SemiseparableTriton" in type(y.grad_fn).__name__
+    assert "muse_lm_ssd_forward" in type(y.grad_fn).__name__  # the kernels, through the custom op
     y_t, _ = semiseparable_step(*(t[:, 0] for t in leaves), h0)
     assert "SemiseparableStepTriton" in type(y_t.grad_fn).__name__
     y64, _ = semiseparable_scan(*(t.double().requires_grad_() for t in (x, u, v, log_a)))

@@ -1,6 +1,7 @@
 """The fused chunk-state walk of the SSD scan (`semiseparable/fused_states.py`) under Triton's
-interpreter, fp32: forward and backward with fused_states=True equal to the unfused path (the chunk
-kernel + one-level `state_pass`, <= 1e-5 relative) and to the fp64 recurrence (1e-4), at odd sizes
+interpreter, fp32: forward and backward with fused_states=True, in one level and in two, equal to the
+unfused path (the chunk kernel + one-level `state_pass`, <= 1e-5 relative) and to the fp64 recurrence
+(1e-4); the two-level walk at every group size with states crossing whole groups; at odd sizes
 (T = 1, T < chunk, T ragged; R != P, neither a power of two), with and without an initial state and a
 final-state gradient, strong decays, packed documents (cu_seqlens, an empty one included); every
 declared config once with its outputs NaN-poisoned; the autotuned launch path with a stub timer. In
@@ -52,29 +53,35 @@ def fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu=None):
     return y.detach(), final.detach(), torch.autograd.grad(loss, leaves)
 
 
+# The walks compared: unfused one-level (False), fused one-level (True), fused two-level ("two").
+WALKS = {False: dict(fused_states=False, two_levels=False), True: dict(fused_states=True, two_levels=False),
+         "two": dict(fused_states=True, two_levels=True)}
+
+
 def run_both(x, u, v, log_a, h0, dy, dfinal, chunk, cu=None):
-    """{fused: (y, final, states, dx, du, dv, dlog_a, dh0)} for fused_states False / True, y NaN-poisoned."""
+    """{walk: (y, final, states, dx, du, dv, dlog_a, dh0)} for each of WALKS, y NaN-poisoned."""
     from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
 
     out = {}
-    for fused in (False, True):
+    for key, kw in WALKS.items():
         poison = torch.full_like(x, float("nan"))
-        walk = dict(cu_seqlens=cu, two_levels=None if fused else False, fused_states=fused)
+        walk = dict(cu_seqlens=cu, **kw)
         y, final, states = semiseparable_forward(x, u, v, log_a, h0, chunk, out=poison, **walk)
         assert y.data_ptr() == poison.data_ptr()
         grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, chunk, **walk)
-        out[fused] = (y, final, states, *grads)
-        assert all(torch.isfinite(t).all() for t in out[fused]), fused
+        out[key] = (y, final, states, *grads)
+        assert all(torch.isfinite(t).all() for t in out[key]), key
     return out
 
 
 def check_against(out, ref, has_init):
-    """Fused vs unfused (every output, states included) and both vs the fp64 reference."""
+    """Both fused walks vs the unfused one (every output, states included), all vs the fp64 reference."""
     y_ref, f_ref, grads_ref = ref
     names = ("y", "final", "states", "x", "u", "v", "log_a", "h0")
-    for name, one, two in zip(names, out[False], out[True]):
-        assert one.shape == two.shape and rel(two, one) < SAME, name
-    for fused in (False, True):
+    for key in (True, "two"):
+        for name, one, two in zip(names, out[False], out[key]):
+            assert one.shape == two.shape and rel(two, one) < SAME, (name, key)
+    for fused in WALKS:
         y, final, _, *grads = out[fused]
         assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, fused
         for name, got, want in zip(NAMES, grads[: 4 + has_init], grads_ref):
@@ -176,20 +183,22 @@ def test_compact_states_bf16_match_fp64_and_save_16_bit_states(packed):
     x, u, v, dy = (t.bfloat16() for t in (x, u, v, dy))
     ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal, cu)
     runs = {}
-    for compact in (False, True):
-        walk = dict(cu_seqlens=cu, fused_states=True, compact_states=compact)
+    for compact, two in ((False, False), (True, False), (True, True)):
+        walk = dict(cu_seqlens=cu, fused_states=True, two_levels=two)
         y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, out=torch.full_like(x, float("nan")),
-                                                 **walk)
+                                                 compact_states=compact, **walk)
         assert states.dtype == (torch.bfloat16 if compact else torch.float32)
-        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, cu_seqlens=cu, fused_states=True)
-        runs[compact] = (y, final, *grads)
+        grads = semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, **walk)
+        runs[compact, two] = (y, final, *grads)
     y_ref, f_ref, grads_ref = ref
-    for name, got, full, want in zip(("y", "final", *NAMES), runs[True], runs[False], (y_ref, f_ref, *grads_ref)):
-        err, err_full = rel(got, want), rel(full, want)
-        print(f"{name}: compact {err:.2e}, fp32 states {err_full:.2e}")
-        assert torch.isfinite(got).all() and err < BF16_TOL, name
-        # The states' rounding adds at most about the outputs' own bf16 rounding (2^-9 = 2e-3).
-        assert err < err_full + 4e-3, name
+    for two in (False, True):  # two levels: the fix-up rounds the group-local bf16 states once more
+        for name, got, full, want in zip(("y", "final", *NAMES), runs[True, two], runs[False, False],
+                                         (y_ref, f_ref, *grads_ref)):
+            err, err_full = rel(got, want), rel(full, want)
+            print(f"{name}: compact (two levels {two}) {err:.2e}, fp32 states {err_full:.2e}")
+            assert torch.isfinite(got).all() and err < BF16_TOL, (name, two)
+            # The states' rounding adds at most about the outputs' own bf16 rounding (2^-9 = 2e-3).
+            assert err < err_full + 4e-3, (name, two)
 
 
 @interp
@@ -207,7 +216,7 @@ def test_policies_switched_on_reach_the_custom_op_with_matching_fake_dtypes(monk
     x, u, v, log_a, _, dy, _ = problem(2, 40, 2, 6, 20, decay=(-2.0, 0.0), seed=7)
     x, u, v, dy = (t.bfloat16() for t in (x, u, v, dy))
     leaves = [t.clone().requires_grad_() for t in (x, u, v, log_a)]
-    _, _, states = ssd_forward(*(t.detach() for t in leaves), None, 16)
+    _, _, states, *_ = ssd_forward(*(t.detach() for t in leaves), None, 16)
     assert states.dtype == torch.bfloat16
     torch.library.opcheck(ssd_forward, (*leaves, None, 16))
     y, _ = semiseparable_scan(*leaves, chunk_size=16, impl="triton", output_final_state=True)
@@ -268,6 +277,37 @@ def test_every_declared_config_poisoned_forward_and_backward_walks():
 
 
 @interp
+@pytest.mark.parametrize("cfg_index", [0, 2], ids=["16x16", "32x64"])
+def test_two_level_walk_every_group_size_poisoned(cfg_index):
+    """The fused walk in two levels (groups of 1, 2, 3 and more chunks than there are), both directions,
+    plain (with and without an initial state) and packed (a document ends inside a group, one is empty),
+    into NaN-filled states and finals: equal to the unfused walk, so every group's fix-up reached every
+    chunk. T 150 is 10 chunks of 16; the decay is weak and absent over chunks 2-6, so a state crosses
+    whole groups and a wrong decay product or group carry shows."""
+    from muse_lm.ops.semiseparable.fused_states import CONFIGS, fused_chunk_states
+    from muse_lm.ops.semiseparable.state_pass import chunk_table
+
+    x, u, v, log_a, h0, dy, dfinal = problem(2, 150, 2, 20, 24, decay=(-0.05, 0.0), seed=3)
+    xp, up, vp, lap, h0p, dyp, dfp, cu = packed_problem([5, 0, 70, 12, 40], 1, 20, 24, decay=(-0.05, 0.0), seed=9)
+    log_a[:, 32:112] = 0.0
+    lap[:, 10:80] = 0.0
+    table = chunk_table(cu, 16, torch.device("cpu"))
+    cases = [((u, x, log_a, h0, 2, None), False), ((v, dy, log_a, dfinal, 2, None), True),
+             ((u, x, log_a, None, 2, None), False), ((up, xp, lap, h0p, 5, table), False),
+             ((vp, dyp, lap, dfp, 5, table), True)]
+    for (a, b, la, init, n, tab), rev in cases:
+        want_states, want_final = unfused_walk(a, b, la, init, n, 16, tab, rev)
+        for group in (1, 2, 3, 16):
+            states = torch.full_like(want_states, float("nan"))
+            final = torch.full_like(want_final, float("nan"))
+            fused_chunk_states(a, b, la, states, init, n, 16, tab, reverse=rev, config=CONFIGS[cfg_index],
+                               final=final, group=group)
+            where = (group, rev, tab is not None, init is not None)
+            assert torch.isfinite(states).all() and torch.isfinite(final).all(), where
+            assert rel(states, want_states) < SAME and rel(final, want_final) < SAME, where
+
+
+@interp
 def test_autotuned_launch_path_with_a_stub_benchmark(monkeypatch):
     """The CUDA branch (triton.autotune: pruning by R, P, chunk and shared memory, the grid lambda) under
     the interpreter with a stub timer: every declared config runs once, and the tuned walk is right."""
@@ -300,32 +340,58 @@ def test_autotuned_launch_path_with_a_stub_benchmark(monkeypatch):
     assert len(benched) == len(fs.CONFIGS)  # R 40, P 40 at 99 KB: nothing pruned
 
 
-def test_policy_and_exclusive_arguments(monkeypatch):
+def test_two_level_policy_group_size_and_argument_checks():
+    """The fused walk's level and group rules at their boundaries, and a bad group refused."""
     import muse_lm.ops.semiseparable.fused_states as fs
-    from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+
+    many_rows = 1 << 12  # B*H: far from the unfused walk's few-rows rule at R*P 4096
+    assert not fs.use_fused_two_levels(many_rows, fs.FUSED_TWO_LEVEL_MIN_CHUNKS - 1, 4096)
+    assert fs.use_fused_two_levels(many_rows, fs.FUSED_TWO_LEVEL_MIN_CHUNKS, 4096)
+    assert fs.use_fused_two_levels(16, 64, 4096)  # few rows: the unfused walk's rule holds too
+    assert [fs.fused_group_size(n) for n in (1, 7, 64, 128, 256, 1024, 4096)] == [1, 1, 16, 32, 64, 64, 64]
+    x, u, v, log_a, *_ = problem(1, 40, 1, 4, 4)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="group="):
+            fs.fused_chunk_states(u, x, log_a, torch.empty(1, 1, 3, 4, 4), None, 1, 16, reverse=False, group=bad)
+
+
+def test_sixteen_bit_products_only_where_both_tiles_are_loaded_sixteen_bit(monkeypatch):
+    """RAW for bf16/fp16 inputs, RAW_S only when every state tensor has the inputs' dtype, neither for
+    fp32 inputs, under the interpreter (whose bf16 tl.dot is wrong) or with the policy off."""
+    import muse_lm.ops.semiseparable.triton as k
+
+    monkeypatch.setattr(k, "interpreter_enabled", lambda: False)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert k._raw_meta(bf16, bf16, bf16) == dict(RAW=True, RAW_S=True)
+    assert k._raw_meta(bf16, bf16, fp32) == dict(RAW=True, RAW_S=False)  # compact states, unfused gradients
+    assert k._raw_meta(fp16, fp32) == dict(RAW=True, RAW_S=False)
+    assert k._raw_meta(fp32, fp32) == dict(RAW=False, RAW_S=False)
+    monkeypatch.setattr(k, "RAW_DOTS_BY_DEFAULT", False)
+    assert k._raw_meta(bf16, bf16) == dict(RAW=False, RAW_S=False)
+    monkeypatch.setattr(k, "RAW_DOTS_BY_DEFAULT", True)
+    monkeypatch.setattr(k, "interpreter_enabled", lambda: True)
+    assert k._raw_meta(bf16, bf16) == dict(RAW=False, RAW_S=False)
+
+
+def test_walk_policy(monkeypatch):
+    """resolve_walk: fused or not by `FUSED_STATES_BY_DEFAULT` unless told; levels by the fused walk's own
+    policy or the unfused walk's unless told; every combination allowed."""
+    import muse_lm.ops.semiseparable.fused_states as fs
 
     assert fs.FUSED_STATES_BY_DEFAULT is True and fs.COMPACT_STATES_BY_DEFAULT is True  # measured on an H100
+    long_few, short_many = (16, 1024, 4096), (512, 32, 4096)  # (B*H, chunks, R*P)
+    assert fs.resolve_walk(None, None, *short_many) == (True, False)
+    assert fs.resolve_walk(None, None, *long_few) == (True, fs.use_fused_two_levels(*long_few))
+    assert fs.resolve_walk(False, None, *long_few) == (False, True)  # the unfused walk's policy
+    assert fs.resolve_walk(False, None, *short_many) == (False, False)
+    for fused in (None, True, False):
+        for two in (True, False):
+            assert fs.resolve_walk(fused, two, *long_few)[1] is two
+    assert fs.resolve_walk(True, True, 1, 2, 3) == (True, True)
     monkeypatch.setattr(fs, "FUSED_STATES_BY_DEFAULT", False)
-    assert not fs.use_fused_states(16, 1024, 4096) and not fs.use_fused_states(512, 32, 4096)
-    # None follows the policy; off, the default path is the unfused one, whatever two_levels says.
-    assert not any(fs.resolve_fused_states(None, two, 16, 128, 4096) for two in (None, False, True))
-    assert fs.resolve_fused_states(True, None, 16, 128, 4096) and fs.resolve_fused_states(True, False, 1, 2, 3)
-    assert not fs.resolve_fused_states(False, None, 16, 128, 4096)
-    monkeypatch.setattr(fs, "FUSED_STATES_BY_DEFAULT", True)
-    # On: it replaces the one-level walk where that is the automatic choice (many rows) or asked for ...
-    assert fs.resolve_fused_states(None, None, 512, 128, 4096) and fs.resolve_fused_states(None, False, 1, 2, 3)
-    # ... but few long walks (B*H 16, 128 chunks: the two-level regime) keep the two-level walk,
-    assert not fs.resolve_fused_states(None, None, 16, 128, 4096)
-    assert not fs.resolve_fused_states(None, True, 512, 128, 4096)  # and so does an explicit two_levels=True
-    with pytest.raises(ValueError, match="exclude each other"):
-        fs.resolve_fused_states(True, True, 16, 128, 4096)
-    # Raised by the public launchers before anything runs (no kernel, no interpreter needed).
-    x, u, v, log_a, h0, dy, dfinal = problem(1, 5, 1, 2, 3)
-    with pytest.raises(ValueError, match="exclude each other"):
-        semiseparable_forward(x, u, v, log_a, h0, 16, two_levels=True, fused_states=True)
-    states = torch.zeros(1, 1, 1, 2, 3)
-    with pytest.raises(ValueError, match="exclude each other"):
-        semiseparable_backward(x, u, v, log_a, states, dy, dfinal, 16, two_levels=True, fused_states=True)
+    assert fs.resolve_walk(None, None, *short_many) == (False, False)
+    assert fs.resolve_walk(None, True, *short_many) == (False, True)
+    assert fs.resolve_walk(True, None, *short_many) == (True, False)
 
 
 def test_config_validation_default_config_pruning_and_argument_checks():
@@ -384,13 +450,17 @@ def test_every_declared_config_compiles_within_its_estimate_and_99kb(capability)
     from muse_lm.ops.semiseparable.fused_states import CONFIGS, SMEM_99KB, _fused_walk_kernel, smem_estimate
 
     sig = {name: "constexpr" for name in _fused_walk_kernel.arg_names}
-    sig.update({name: "*fp32" for name in ("a_ptr", "b_ptr", "la_ptr", "st_ptr", "init_ptr", "final_ptr")})
-    sig.update({"tab_ptr": "*i32", **{name: "i32" for name in ("T", "H", "R", "P", "NC", "LOG_BH", "LOG_NC")}})
+    ptrs = ("a_ptr", "b_ptr", "la_ptr", "st_ptr", "init_ptr", "final_ptr", "pc_ptr", "g_ptr", "gst_ptr", "gdec_ptr")
+    sig.update({name: "*fp32" for name in ptrs})
+    ints = ("T", "H", "R", "P", "NC", "G", "NG", "LOG_BH", "LOG_NC")
+    sig.update({"tab_ptr": "*i32", **{name: "i32" for name in ints}})
     target = GPUTarget("cuda", capability, 32)
     for cfg in CONFIGS:
-        consts = dict(C=64, BR=cfg.block_r, BP=cfg.block_p, STAGES=cfg.num_stages, HAS_INIT=True, REVERSE=False,
-                      VARLEN=False, PREC="ieee", INTERPRET=False)
-        compiled = triton.compile(ASTSource(fn=_fused_walk_kernel, signature=sig, constexprs=consts), target=target,
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        estimate = smem_estimate(cfg.block_r, cfg.block_p, 64, cfg.num_stages)
-        assert compiled.metadata.shared <= estimate <= SMEM_99KB, (cfg, compiled.metadata.shared)
+        for grouped in (False, True):
+            consts = dict(C=64, BR=cfg.block_r, BP=cfg.block_p, STAGES=cfg.num_stages, HAS_INIT=True, REVERSE=False,
+                          VARLEN=False, GROUPED=grouped, PREC="ieee", INTERPRET=False)
+            source = ASTSource(fn=_fused_walk_kernel, signature=sig, constexprs=consts)
+            compiled = triton.compile(source, target=target,
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            estimate = smem_estimate(cfg.block_r, cfg.block_p, 64, cfg.num_stages)
+            assert compiled.metadata.shared <= estimate <= SMEM_99KB, (cfg, grouped, compiled.metadata.shared)

@@ -242,8 +242,9 @@ def test_cu_seqlens_many_short_documents_every_config(cfg_index):
     cfg = CONFIGS[cfg_index]
     x, u, v, log_a, h0, dy, dfinal, cu = packed_problem(LENGTHS, 2, 5, 20, seed=cfg_index)
     y_ref, f_ref, grads_ref = packed_reference(x, u, v, log_a, h0, dy, dfinal, cu)
-    # The three walks (unfused one-level, two-level, fused), over the configs (the interpreter is slow).
-    walk = (dict(two_levels=False, fused_states=False), dict(two_levels=True), dict(fused_states=True))[cfg_index % 3]
+    # The four walks (unfused and fused, one and two levels), over the configs (the interpreter is slow).
+    walk = (dict(two_levels=False, fused_states=False), dict(two_levels=True, fused_states=False),
+            dict(two_levels=False, fused_states=True), dict(two_levels=True, fused_states=True))[cfg_index % 4]
     poison = torch.full_like(x, float("nan"))
     y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, cfg, out=poison, cu_seqlens=cu, **walk)
     assert torch.isfinite(y).all() and final.shape == h0.shape
@@ -288,8 +289,9 @@ def test_two_level_state_walk_matches_one_level_and_fp64(shape):
     x, u, v, log_a, h0, dy, dfinal = problem(b, t, h, r, p, decay=(-20.0, -0.5), seed=t)
     log_a[:, t // 3 : t // 2] = 0.0
     y_ref, f_ref, grads_ref = fp64_reference(x, u, v, log_a, h0, dy, dfinal)
-    walks = {"unfused": dict(two_levels=False, fused_states=False), "two_levels": dict(two_levels=True),
-             "fused": dict(fused_states=True)}
+    walks = {"unfused": dict(two_levels=False, fused_states=False),
+             "two_levels": dict(two_levels=True, fused_states=False),
+             "fused": dict(two_levels=False, fused_states=True), "fused_two": dict(two_levels=True, fused_states=True)}
     out = {}
     for name_walk, walk in walks.items():
         y, final, states = semiseparable_forward(x, u, v, log_a, h0, 16, **walk)
@@ -298,7 +300,7 @@ def test_two_level_state_walk_matches_one_level_and_fp64(shape):
         for name, got, want in zip(("x", "u", "v", "log_a", "h0"), grads, grads_ref):
             assert torch.isfinite(got).all() and rel(got, want) < TOL, (name, name_walk)
         out[name_walk] = (y, final, states, *grads)
-    for other in ("two_levels", "fused"):
+    for other in ("two_levels", "fused", "fused_two"):
         for one, two in zip(out["unfused"], out[other]):
             assert rel(two, one) < 1e-5, other
 

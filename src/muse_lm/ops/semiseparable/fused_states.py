@@ -1,5 +1,6 @@
 """The SSD scan's chunk-state walk fused with each chunk's own contribution: one kernel in place of
-`triton._chunk_state_kernel` + `state_pass.state_pass(..., two_levels=False)`, same outputs.
+`triton._chunk_state_kernel` + the first level of `state_pass.state_pass` (all of it in one level),
+same outputs.
 
 Why: the chunk kernels of `triton.py` are memory-bound, and the fp32 chunk states [B,H,NC,R,P] are
 most of their traffic. Unfused, the forward writes every chunk's local contribution, the one-level
@@ -9,7 +10,7 @@ registers inside the walk, so one full write and one full read of the states go 
 direction: at bf16, 65536 tokens, 16 heads, P = R = 64, chunk 64 about 1 GB of the scan's ~5 GB
 (fwd+bwd on an H100 took 2.85 ms unfused against 1.49 ms for flash-linear-attention's
 chunk_linear_attn). Measured on an H100 it is faster at those shapes, 2.85 -> 2.00-2.13 ms with bf16
-states, so it is the default where the one-level walk would run (`FUSED_STATES_BY_DEFAULT`).
+states, so it is the default (`FUSED_STATES_BY_DEFAULT`), in one level or two (`use_fused_two_levels`).
 
 The walk (notation of `state_pass.py`'s docstring). Program (row b*h, P-block, R-block) keeps its
 [BR, BP] tile of the state e in fp32 registers (local = (diag(w) A)^T B is separable by rows of R and
@@ -28,8 +29,12 @@ chunk c. Backward (REVERSE): A = v, B = dY, w = e^cum, init = the final state's 
 is the gradient of the state leaving c and final is d initial_state. Exponents are differences of
 cumulative log-decays <= 0, as everywhere in `triton.py`. Packed sequences (cu_seqlens, B = 1) read
 each chunk's span and flags from `state_pass.chunk_table` and mask rows past the sequence's end like
-`triton.py`. Only the one-level walk has a fused form: the two-level walk needs the local
-contributions of whole groups before its carry pass.
+`triton.py`.
+
+Two levels (GROUPED, for long walks): program (row, P-block, group k x R-blocks) walks only the G
+chunks of group k, from a zero state, and records what `state_pass.py`'s first level records: p_c
+(the decay product since the group's start, 0 after a reset), g_c, the group's end state and its
+decay product. `state_pass.finish_groups` then walks the groups and fixes up every state and final.
 
 Compact states (`semiseparable_forward(..., compact_states=True)`, bf16 inputs): the walk still runs
 in fp32 registers but stores the states it hands on (and the backward their gradients) in bf16, which
@@ -49,7 +54,7 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
-from muse_lm.ops.semiseparable.state_pass import use_two_levels
+from muse_lm.ops.semiseparable.state_pass import finish_groups, use_two_levels
 from muse_lm.ops.semiseparable.triton import _device_smem, _dot, _load_chunk_decay, _load_f32, _prec, _rows
 
 __all__ = [
@@ -60,17 +65,20 @@ __all__ = [
     "default_config",
     "fused_chunk_states",
     "prune_configs_for",
+    "fused_group_size",
     "resolve_compact_states",
-    "resolve_fused_states",
+    "resolve_walk",
     "smem_estimate",
     "use_compact_states",
     "use_fused_states",
+    "use_fused_two_levels",
 ]
 
 # Measured on an H100 (benchmarks/check_semiseparable_gpu.py --parts fused_states, bf16, 16 heads,
 # P = R = 64, 65536 tokens): forward + backward 2.86 -> 2.22 ms at B 32 T 2048 and 2.85 -> 2.36 ms
 # at B 8 T 8192, both as accurate against fp64 as the unfused walk.
 FUSED_STATES_BY_DEFAULT = True
+FUSED_TWO_LEVEL_MIN_CHUNKS = 256  # see use_fused_two_levels
 # Saving bf16 inputs' chunk states in bf16 (fused walk only): 2.22 -> 2.02 ms and 2.36 -> 2.13 ms
 # more, same shapes; the added error (1.6e-3 relative on the CPU) is below the bf16 output's own.
 COMPACT_STATES_BY_DEFAULT = True
@@ -160,11 +168,27 @@ def _triton_configs() -> list[triton.Config]:
 
 
 def use_fused_states(rows: int, n_chunks: int, state_size: int) -> bool:
-    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None,
-    two_levels=None), for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P)
-    elements: `FUSED_STATES_BY_DEFAULT` (on: measured faster on an H100), and only where the automatic
-    choice is the one-level walk it replaces (few long walks keep the two-level walk)."""
-    return FUSED_STATES_BY_DEFAULT and not use_two_levels(rows, n_chunks, state_size)
+    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None),
+    for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P) elements:
+    `FUSED_STATES_BY_DEFAULT` (on: measured faster on an H100), in one level or two."""
+    return FUSED_STATES_BY_DEFAULT
+
+
+def use_fused_two_levels(rows: int, n_chunks: int, state_size: int) -> bool:
+    """Whether the fused walk runs in two levels when not told (two_levels=None): where the unfused walk
+    does (`state_pass.use_two_levels`: few state elements in all, so few walks in flight), and for any
+    walk of at least `FUSED_TWO_LEVEL_MIN_CHUNKS` chunks. Measured on an H100 (bf16 states, 16 heads,
+    P = R = 64, 65536 tokens; `check_semiseparable_gpu.py --parts fused_states`), the forward walk alone:
+    128 chunks (B 8) 0.25 ms in one level vs 0.29-0.38 in two; 256 chunks (B 4) 0.44 vs 0.29-0.38;
+    1024 chunks (B 1) 1.24 vs 0.29-0.45 (groups of 64 the fastest at every length)."""
+    return n_chunks >= FUSED_TWO_LEVEL_MIN_CHUNKS or use_two_levels(rows, n_chunks, state_size)
+
+
+def fused_group_size(n_chunks: int) -> int:
+    """Chunks per group of the fused two-level walk: a quarter of the walk, at most 64 (the fastest
+    measured from 256 to 1024 chunks: each step carries a tl.dot, so longer groups and fewer of them
+    beat the unfused walk's sqrt(NC))."""
+    return min(64, triton.next_power_of_2(max(1, n_chunks // 4)))
 
 
 def use_compact_states(fused: bool) -> bool:
@@ -185,22 +209,16 @@ def resolve_compact_states(compact_states: bool | None, fused: bool) -> bool:
     return bool(compact_states)
 
 
-def resolve_fused_states(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
-                         state_size: int) -> bool:
-    """Whether to run the fused walk. None asks `use_fused_states` (an explicit two_levels=True keeps
-    the two-level walk); True runs it in place of the one-level walk and of an automatic two-level
-    choice; an explicit two_levels=True with fused_states=True is a contradiction."""
-    if fused_states is None:
-        if two_levels is None:
-            return use_fused_states(rows, n_chunks, state_size)
-        return not two_levels and FUSED_STATES_BY_DEFAULT  # one level asked for: fused if that is the default
-    if fused_states and two_levels is True:
-        raise ValueError(
-            "semiseparable: fused_states=True and two_levels=True exclude each other (the fused walk is "
-            "one level: it forms each chunk's contribution inside a single walk over the chunks); pass "
-            "two_levels=None/False to fuse, or fused_states=False/None for the two-level walk"
-        )
-    return bool(fused_states)
+def resolve_walk(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
+                 state_size: int) -> tuple[bool, bool]:
+    """(fused, two levels) for the walk over chunk states. None asks the policies: `use_fused_states`,
+    then `use_fused_two_levels` for the fused walk or `state_pass.use_two_levels` for the unfused one.
+    Every combination exists: both walks have a one-level and a two-level form."""
+    fused = use_fused_states(rows, n_chunks, state_size) if fused_states is None else bool(fused_states)
+    if two_levels is None:
+        policy = use_fused_two_levels if fused else use_two_levels
+        return fused, policy(rows, n_chunks, state_size)
+    return fused, bool(two_levels)
 
 
 @triton.jit
@@ -213,13 +231,14 @@ def _state_block(ptr, row, r0, p0, R, P, BR: tl.constexpr, BP: tl.constexpr):
 
 @triton.jit
 def _walk_step(
-    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0, T, H, R, P, NC,
-    C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr,
+    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, pc_ptr, g_ptr, e, p, i, i_bh, i_b, i_h, r0, p0, T, H,
+    R, P, NC, C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr, GROUPED: tl.constexpr, PREC: tl.constexpr,
 ):
     """Step i of the walk (module docstring): stores the current state tile e [BR, BP] as chunk c's and
-    returns exp(g_c) e + local_c, after a reset to init where the walk enters a sequence and with the
-    sequence's final written where it leaves one."""
+    returns (exp(g_c) e + local_c, exp(g_c) p), after a reset to init (and p to 0) where the walk enters
+    a sequence and with the sequence's final written where it leaves one. GROUPED: p is the decay
+    product since the group's start, stored as p_c for the fix-up by the (row, first tile) program."""
     c = NC - 1 - i if REVERSE else i
     if VARLEN:
         t0 = tl.load(tab_ptr + c * 4)
@@ -245,44 +264,66 @@ def _walk_step(
             e = _load_f32(_state_block(init_ptr, n * H + i_h, r0, p0, R, P, BR, BP))
         else:
             e = tl.zeros([BR, BP], dtype=tl.float32)
-    tl.store(_state_block(st_ptr, i_bh.to(tl.int64) * NC + c, r0, p0, R, P, BR, BP), e.to(st_ptr.dtype.element_ty),
-             boundary_check=(0, 1))
-    e = tl.exp(g) * e + local
+    p = tl.where(enters, 0.0, p)  # not p * 0: an inf p (log-decays > 0, outside the contract) would give NaN
+    row = i_bh.to(tl.int64) * NC + c
+    tl.store(_state_block(st_ptr, row, r0, p0, R, P, BR, BP), e.to(st_ptr.dtype.element_ty), boundary_check=(0, 1))
+    if GROUPED:
+        tl.store(pc_ptr + row, p, mask=(r0 == 0) & (p0 == 0))
+        tl.store(g_ptr + row, g, mask=(r0 == 0) & (p0 == 0))
+    decay = tl.exp(g)
+    e = decay * e + local
     if leaves:
         tl.store(_state_block(final_ptr, n * H + i_h, r0, p0, R, P, BR, BP), e, boundary_check=(0, 1))
-    return e
+    return e, decay * p
 
 
 # T and the chunk counts are not specialized: nothing gains from T % 16, and new T would recompile.
-@triton.jit(do_not_specialize=["T", "NC", "LOG_BH", "LOG_NC"])
+@triton.jit(do_not_specialize=["T", "NC", "G", "NG", "LOG_BH", "LOG_NC"])
 def _fused_walk_kernel(
-    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
-    C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, STAGES: tl.constexpr, HAS_INIT: tl.constexpr,
-    REVERSE: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
+    a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, pc_ptr, g_ptr, gst_ptr, gdec_ptr, T, H, R, P, NC, G,
+    NG,
+    LOG_BH, LOG_NC, C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, STAGES: tl.constexpr,
+    HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, GROUPED: tl.constexpr,
+    PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program (b*h, P-block, R-block) walks all NC chunks of its row. a [B,T,H,R], b [B,T,H,P] (any
-    float dtype), la [B,T,H] fp32, st [B,H,NC,R,P] fp32 (written), init / final [N,H,R,P] fp32, tab the
-    chunk table (VARLEN). LOG_BH, LOG_NC (bit lengths of B*H and NC) are only the autotuner's key."""
-    i_bh, i_p, i_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Program (b*h, P-block, group k * R-blocks + R-block) walks its row's chunks: all NC of them, or
+    with GROUPED steps k*G .. k*G+G-1 from a zero state (the first level of the two-level walk of
+    `state_pass.py`, fused: p_c to pc and g_c to g [B*H, NC], the group's end state to gst [B*H, NG, R, P] fp32 and
+    its decay product to gdec [B*H, NG]; `_group_carry_kernel` and `_group_fixup_kernel` finish it).
+    a [B,T,H,R], b [B,T,H,P] (any float dtype), la [B,T,H] fp32, st [B,H,NC,R,P] fp32 or bf16 (written),
+    init / final [N,H,R,P] fp32, tab the chunk table (VARLEN). LOG_BH, LOG_NC (bit lengths of B*H and
+    NC) are only the autotuner's key."""
+    i_bh, i_p, i_kr = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_rb = tl.cdiv(R, BR)
+    i_k, i_r = i_kr // n_rb, i_kr % n_rb
     i_b, i_h = i_bh // H, i_bh % H
     r0, p0 = i_r * BR, i_p * BP
+    i0 = i_k * G if GROUPED else 0
+    i1 = tl.minimum(i0 + G, NC) if GROUPED else NC
     e = tl.zeros([BR, BP], dtype=tl.float32)
+    p = tl.sum(tl.sum(e, 1), 0) + 1.0  # an fp32 tensor scalar, so the loop carries one type
     if INTERPRET:  # Triton 3.6's interpreter cannot take a runtime bound in range() under NumPy 2
-        i = tl.program_id(0) * 0
-        while i < NC:
-            e = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0,
-                           T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, PREC)
+        i = tl.program_id(0) * 0 + i0
+        while i < i1:
+            e, p = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, pc_ptr, g_ptr, e, p, i,
+                              i_bh, i_b, i_h, r0, p0, T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, GROUPED,
+                              PREC)
             i += 1
     else:
-        for i in tl.range(0, NC, num_stages=STAGES):
-            e = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, e, i, i_bh, i_b, i_h, r0, p0,
-                           T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, PREC)
+        for i in tl.range(i0, i1, num_stages=STAGES):
+            e, p = _walk_step(a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, pc_ptr, g_ptr, e, p, i,
+                              i_bh, i_b, i_h, r0, p0, T, H, R, P, NC, C, BR, BP, HAS_INIT, REVERSE, VARLEN, GROUPED,
+                              PREC)
+    if GROUPED:
+        grp = i_bh.to(tl.int64) * NG + i_k
+        tl.store(_state_block(gst_ptr, grp, r0, p0, R, P, BR, BP), e, boundary_check=(0, 1))
+        tl.store(gdec_ptr + grp, p, mask=(r0 == 0) & (p0 == 0))
 
 
 # Tuned per (P, R, chunk, bit length of B*H and of the number of chunks), like triton.py's kernels: the
 # best tile depends on how many walks run and how long they are; the buckets keep a new T from
 # re-tuning on every call. Every output is overwritten whole, so tuning trials leave nothing stale.
-_TUNE = dict(key=["P", "R", "C", "LOG_BH", "LOG_NC"], prune_configs_by={"early_config_prune": _prune_configs})
+_TUNE = dict(key=["P", "R", "C", "LOG_BH", "LOG_NC", "G"], prune_configs_by={"early_config_prune": _prune_configs})
 _fused_walk_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_fused_walk_kernel)
 
 
@@ -328,6 +369,7 @@ def fused_chunk_states(
     reverse: bool,
     config: FusedStatesConfig | None = None,
     final: Tensor | None = None,
+    group: int | None = None,
 ) -> Tensor:
     """The fused walk of the module docstring; writes states [B,H,NC,R,P] in place (fp32, or bf16 for bf16
     a: the walk runs in fp32 and stores rounded copies) and returns the
@@ -337,26 +379,54 @@ def fused_chunk_states(
     v, dY); log_a [B,T,H] fp32 contiguous; init [n_seq,H,R,P] fp32 or None (zeros): the initial states
     (forward) or the final states' gradients (backward). chunk is the kernel chunk (16, 32 or 64);
     table the chunk table of cu_seqlens (then B = 1) or None (then n_seq = B). config None autotunes
-    over `CONFIGS` on CUDA and takes `default_config` under the interpreter. The same values as
-    `_chunk_state_kernel` + `state_pass(..., two_levels=False)` up to fp32 rounding.
+    over `CONFIGS` on CUDA and takes `default_config` under the interpreter. group None walks each row
+    in one level; an int G walks groups of G chunks in parallel and finishes with the carry and fix-up
+    passes of `state_pass.py` (two levels). The same values as `_chunk_state_kernel` + `state_pass`
+    up to fp32 rounding (and, for bf16 states with two levels, one more bf16 rounding in the fix-up).
     """
     _check_args(a, b, log_a, states, init, n_seq, chunk, table, final)
-    bsz, t, h, r = a.shape
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise ValueError(f"fused_chunk_states: group={group!r} must be None (one level) or a positive int")
+    bsz, _, h, r = a.shape
     p, nc = b.shape[-1], states.shape[2]
-    if final is None:
-        final = torch.empty(n_seq, h, r, p, device=states.device, dtype=torch.float32)
+    final = _new_final(final, states, n_seq)
     if states.numel() == 0:  # B, H, R or P is 0: no state element to walk (and final is empty too)
         return final
+    if group is None:
+        _launch_walk(a, b, log_a, states, init, final, table, (states,) * 4, None, 1, chunk, reverse, config)
+        return final
+    rows, n_groups = bsz * h, triton.cdiv(nc, group)
+    # Every element is written by the walk (p_c and g_c by each chunk's first tile, each group's end
+    # state and decay product after its last chunk) before the carry and fix-up read it.
+    pc, g = torch.empty(2, rows, nc, device=states.device, dtype=torch.float32)
+    gst = torch.empty(rows, n_groups, r, p, device=states.device, dtype=torch.float32)
+    gdec = torch.empty(rows, n_groups, device=states.device, dtype=torch.float32)
+    _launch_walk(a, b, log_a, states, init, final, table, (pc, g, gst, gdec), group, n_groups, chunk, reverse, config)
+    finish_groups(states, g, final, table, pc, gst, gdec, h, group, reverse)
+    return final
+
+
+def _new_final(final: Tensor | None, states: Tensor, n_seq: int) -> Tensor:
+    if final is not None:
+        return final
+    b, h, _, r, p = states.shape
+    return torch.empty(n_seq, h, r, p, device=states.device, dtype=torch.float32)
+
+
+def _launch_walk(a, b, log_a, states, init, final, table, group_bufs, group, n_groups, chunk, reverse, config):
+    bsz, t, h, r = a.shape
+    p, nc = b.shape[-1], states.shape[2]
     interpret = interpreter_enabled()
     args = (a, b, log_a, states, init if init is not None else final, final, table if table is not None else states,
-            t, h, r, p, nc, (bsz * h).bit_length(), nc.bit_length())
-    meta = dict(C=chunk, HAS_INIT=init is not None, REVERSE=reverse, VARLEN=table is not None, PREC=_prec(a.dtype),
-                INTERPRET=interpret)
+            *group_bufs, t, h, r, p, nc, group or 0, n_groups, (bsz * h).bit_length(), nc.bit_length())
+    meta = dict(C=chunk, HAS_INIT=init is not None, REVERSE=reverse, VARLEN=table is not None,
+                GROUPED=group is not None, PREC=_prec(a.dtype), INTERPRET=interpret)
     if config is None and not interpret:
-        _fused_walk_tuned[lambda m: (bsz * h, triton.cdiv(p, m["BP"]), triton.cdiv(r, m["BR"]))](*args, **meta)
-        return final
+        _fused_walk_tuned[lambda m: (bsz * h, triton.cdiv(p, m["BP"]), n_groups * triton.cdiv(r, m["BR"]))](
+            *args, **meta
+        )
+        return
     cfg = config or default_config(r, p)
-    grid = (bsz * h, triton.cdiv(p, cfg.block_p), triton.cdiv(r, cfg.block_r))
+    grid = (bsz * h, triton.cdiv(p, cfg.block_p), n_groups * triton.cdiv(r, cfg.block_r))
     _fused_walk_kernel[grid](*args, BR=cfg.block_r, BP=cfg.block_p, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
                              num_stages=cfg.num_stages, **meta)
-    return final

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["chunk_table", "group_size", "state_pass", "use_two_levels"]
+__all__ = ["chunk_table", "finish_groups", "group_size", "state_pass", "use_two_levels"]
 
 _STATE_BLOCK = 256  # elements of the R*P state per walking program (at most)
 _STATE_PROGRAMS = 264  # two per SM of an H100: below this a walk halves its block (down to 64)
@@ -225,7 +225,7 @@ def _group_fixup_kernel(
     active = m_e & on
     carry = p * tl.load(gst_ptr + (i_bh.to(tl.int64) * NG + i_k) * RP + o_e, mask=active, other=0.0)
     e = tl.load(st_ptr + row * RP + o_e, mask=active, other=0.0)
-    tl.store(st_ptr + row * RP + o_e, e + carry, mask=active)
+    tl.store(st_ptr + row * RP + o_e, (e + carry).to(st_ptr.dtype.element_ty), mask=active)
     f_ptr = final_ptr + (n * H + i_h).to(tl.int64) * RP + o_e
     f = tl.load(f_ptr, mask=m_e & (on & leaves), other=0.0)
     tl.store(f_ptr, f + tl.exp(tl.load(g_ptr + row)) * carry, mask=m_e & (on & leaves))
@@ -277,11 +277,23 @@ def state_pass(
     _group_walk_kernel[(rows, triton.cdiv(rp, block), n_groups)](
         states, g, init_arg, final, tab, pc, gst, gdec, nc, n_groups, grp, heads, rp, BLOCK=block, **flags
     )
+    finish_groups(states, g, final, table, pc, gst, gdec, heads, grp, reverse)
+    return final
+
+
+def finish_groups(states: Tensor, g: Tensor, final: Tensor, table: Tensor | None, pc: Tensor, gst: Tensor,
+                  gdec: Tensor, heads: int, group: int, reverse: bool) -> None:
+    """Levels 2 and 3 of the two-level walk, in place, after a first level (`_group_walk_kernel`, or the
+    fused walk of `fused_states.py`) wrote the group-local states (fp32 or bf16) into states [B,H,NC,R,P],
+    g [B*H, NC] fp32, p_c into pc [B*H, NC], each group's end state into gst [B*H, NG, R*P] fp32 (any
+    view of that size) and its decay product into gdec [B*H, NG], and the finals of the sequences
+    that end in a group before the carry."""
+    b, h, nc, r, p = states.shape
+    rows, rp, n_groups = b * h, r * p, gdec.shape[1]
     block = _walk_block(rows, rp)
     _group_carry_kernel[(rows, triton.cdiv(rp, block))](gst, gdec, n_groups, rp, BLOCK=block)
     block = min(_FIXUP_BLOCK, triton.next_power_of_2(rp))
     _group_fixup_kernel[(nc, rows, triton.cdiv(rp, block))](
-        states, g, final, tab, pc, gst, nc, n_groups, grp, heads, rp,
+        states, g, final, table if table is not None else g, pc, gst, nc, n_groups, group, heads, rp,
         BLOCK=block, REVERSE=reverse, VARLEN=table is not None,
     )
-    return final

@@ -1,4 +1,4 @@
-"""Semiseparable (SSD) scan in Triton: chunked forward (three kernels) and backward (four), fp32 states.
+"""Semiseparable (SSD) scan in Triton: chunked forward and backward, states walked in fp32.
 
 Per head h_t = exp(log_a_t) h_{t-1} + u_t x_t^T (R x P), y_t = v_t^T h_t. Split T into chunks of C
 tokens; inside a chunk let cum_t be the inclusive cumulative log-decay from the chunk's first token
@@ -18,6 +18,9 @@ Forward, three launches:
     the final state. One level (a walk over all chunks per (b*h, block of R*P)) or, for long T with
     few sequences, two (groups of chunks walked in parallel, a short walk over the groups, a fix-up).
  3. `_chunk_output_kernel`: Y per (chunk, b*h, P-block) from the entering state, three tl.dots.
+Steps 1 and 2 are the unfused walk; by default `fused_states.py` does both in one kernel (each
+chunk's contribution formed inside the walk, in one level or two) and saves bf16 inputs' states in
+bf16. The backward's steps 1 and 2 likewise.
 Backward (dY, dS_final), the mirror image; the entering states are saved by the forward:
  1. the same `_chunk_state_kernel` with weights e^cum gives each chunk's V^T diag(e^cum) dY;
  2. the same state pass run from the end gives dS'_c, the gradient reaching the state that
@@ -40,8 +43,10 @@ nothing and decays nothing, so the padded chunk's g equals its last real token's
 
 R is kept whole in every program (padded to a power of two >= 16; the output needs all of R), P is
 split in blocks of BP (the state and the output are independent across P). Products accumulate in
-fp32; fp32 inputs multiply exactly ("ieee"), bf16/fp16 inputs are widened to fp32 and multiplied on
-tf32 tensor cores (see `_dot`). Not supported here: fp64 (the reference).
+fp32; fp32 inputs multiply exactly ("ieee"). With bf16/fp16 inputs, a product of two loaded 16-bit
+tiles (u, v, x, dY, 16-bit states) runs on the tensor cores in that dtype (`_mm`, exact products),
+and one with a computed fp32 operand is widened to tf32 (`_dot`). Not supported here: fp64 (the
+reference).
 
 Packed sequences (cu_seqlens, B = 1): each sequence is cut into its own chunks (`state_pass.chunk_table`:
 first token and sequence end per chunk), so no chunk straddles a boundary; every chunk kernel reads its
@@ -98,7 +103,11 @@ class SSDConfig:
 # against the reference by tests/gpu/test_semiseparable_gpu.py. BP = 16 is for small heads (the tiny
 # preset); in the forward kernels BP = 32 doubles the programs when B*H*chunks is small; BP = 64
 # covers P = head_dim in one block. The backward kernel walks P in blocks of BP (smaller blocks, fewer
-# registers). num_stages stays 1: only the backward has a loop, and it is two or four trips long.
+# registers). num_stages stays 1: only the backward has a loop, and it is one to four trips long. A sweep
+# of 18 configs on an H100 (benchmarks/sweep_ssd_configs.py, bf16, T 2048, P = R = 64) found
+# (32, 4, 3) 4.6% faster than the autotuner's pick for `_chunk_duv_kernel` and nothing better for the
+# others; not declared yet: every declared config costs interpreter and GPU test time, and that one
+# is unchecked against the 99 KB cap.
 CONFIGS = (
     SSDConfig(16, 4, 1),
     SSDConfig(32, 4, 1),
@@ -128,9 +137,10 @@ def default_config(p_dim: int) -> SSDConfig:
 
 def smem_estimate(block_p: int, chunk: int, block_r: int) -> int:
     """Upper estimate in bytes of the shared memory of the chunk kernels (the largest is the backward's
-    `_chunk_duv_kernel`): fp32 dot operands (16-bit inputs are widened too), 4 (2 C BP + 3 R BP + 2 C R),
-    plus one fp32 C x C tile. Checked against Triton 3.6's sm_90 compiles at C 64, R 32: for BP 16, 32,
-    64 the largest kernel takes 40, 56, 44 KB (bf16 inputs); the estimate says 46, 60, 88 KB."""
+    `_chunk_duv_kernel`): fp32 dot operands at worst (16-bit products take half), 4 (2 C BP + 3 R BP +
+    2 C R), plus one fp32 C x C tile. Checked against Triton 3.6's sm_90 compiles at C 64, R 32 before
+    the 16-bit products: for BP 16, 32, 64 the largest kernel took 40, 56, 44 KB (bf16 inputs); the
+    estimate says 46, 60, 88 KB. With them, R 64, BP 64: 64 KB against 128."""
     return 4 * (2 * chunk * block_p + 3 * block_r * block_p + 2 * chunk * block_r) + 4 * chunk * chunk
 
 
@@ -168,15 +178,33 @@ def _triton_configs() -> list[triton.Config]:
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     """a @ b of fp32 tiles with fp32 accumulation: "ieee" (fp32 inputs: exact fp32 products, the 1e-4
-    contract) or "tf32" (bf16/fp16 inputs: tensor cores with 10-bit operands). 16-bit inputs are
-    widened to fp32 right after loading, so the intermediate operands (the decayed scores, the fp32
-    states) are rounded to tf32 (2^-11) rather than to bf16 (2^-8): rounded to bf16, they put the
-    max-relative error of y and dX at 1.1e-2 for P 64, R 32 (measured with exact products of
-    bf16-rounded operands), over the 1e-2 budget before the bf16 output's own rounding (~4e-3)."""
+    contract) or "tf32" (bf16/fp16 inputs: tensor cores with 10-bit operands). For a product with a
+    computed fp32 operand (the decayed scores, dA, fp32 states): its operands are rounded to tf32
+    (2^-11) rather than to bf16 (2^-8); rounded to bf16, they put the max-relative error of y and dX
+    at 1.1e-2 for P 64, R 32 (measured with exact products of bf16-rounded operands), over the 1e-2
+    budget before the bf16 output's own rounding (~4e-3). Two loaded 16-bit tiles go through `_mm`."""
     if PREC == "ieee":
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr, RAW: tl.constexpr):
+    """a @ b of two tiles as loaded (one dtype), fp32 accumulation. RAW with 16-bit tiles: the tensor
+    cores in their own dtype (a product of two bf16 or fp16 values is exact in fp32, so this is as
+    accurate as widening them to tf32, at twice tf32's rate and half its operand bytes); otherwise
+    both are widened to fp32 and multiplied by `_dot`."""
+    if RAW and PREC == "tf32":
+        return tl.dot(a, b)
+    else:
+        return _dot(a.to(tl.float32), b.to(tl.float32), PREC)
+
+
+@triton.jit
+def _load_raw(block_ptr):
+    """A block-pointer tile (zero outside the tensor) in its stored dtype, for `_mm`."""
+    return tl.load(block_ptr, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
@@ -256,6 +284,7 @@ def _chunk_state_kernel(
 def _chunk_output_kernel(
     x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, y_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
     C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    RAW: tl.constexpr, RAW_S: tl.constexpr,
 ):
     """y = (V U^T o L) X + diag(e^cum) V S for one (chunk, b*h, P-block); S = state entering the chunk."""
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -263,17 +292,17 @@ def _chunk_output_kernel(
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     cum, _ = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
     p0 = i_p * BP
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    u = _load_raw(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v = _load_raw(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-    s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))  # fp32, or bf16 when compact
+    s = _load_raw(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))  # fp32, or bf16 when compact
     o_c = tl.arange(0, C)
     causal = o_c[:, None] >= o_c[None, :]
     # Masked before exp: above the diagonal the difference is positive and could overflow.
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-    scores = _dot(v, tl.trans(u), PREC) * decay
+    scores = _mm(v, tl.trans(u), PREC, RAW) * decay
     y = _dot(scores, x, PREC)
-    y += _dot(v * tl.exp(cum)[:, None], s, PREC)
+    y += tl.exp(cum)[:, None] * _mm(v, s, PREC, RAW_S)  # diag(e^cum) (V S): the rows scale after the product
     tl.store(_rows(y_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP), y.to(y_ptr.dtype.element_ty),
              boundary_check=(0, 1))
 
@@ -282,24 +311,25 @@ def _chunk_output_kernel(
 def _chunk_dx_kernel(
     u_ptr, v_ptr, la_ptr, dst_ptr, dy_ptr, dx_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
     C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    RAW: tl.constexpr, RAW_S: tl.constexpr,
 ):
     """dX = A^T dY + diag(e^(g-cum)) U dS' for one (chunk, b*h, P-block), A = V U^T o L; dS' = gradient
-    of the state leaving the chunk, [B,H,NC,R,P] fp32."""
+    of the state leaving the chunk, [B,H,NC,R,P] fp32 (bf16 with compact states)."""
     i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     p0 = i_p * BP
     cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    u = _load_raw(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v = _load_raw(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-    ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+    ds = _load_raw(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
     o_c = tl.arange(0, C)
     # A^T[s, t] = (u_s . v_t) exp(cum_t - cum_s) for t >= s, built transposed (no register transpose);
     # masked before exp: the other side's difference is positive and could overflow.
     causal_t = o_c[:, None] <= o_c[None, :]
-    a_t = _dot(u, tl.trans(v), PREC) * tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))
-    dx = _dot(a_t, dy, PREC) + _dot(u * tl.exp(g - cum)[:, None], ds, PREC)
+    a_t = _mm(u, tl.trans(v), PREC, RAW) * tl.exp(tl.where(causal_t, cum[None, :] - cum[:, None], float("-inf")))
+    dx = _dot(a_t, dy, PREC) + tl.exp(g - cum)[:, None] * _mm(u, ds, PREC, RAW_S)
     tl.store(_rows(dx_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP), dx.to(dx_ptr.dtype.element_ty),
              boundary_check=(0, 1))
 
@@ -309,11 +339,13 @@ def _chunk_duv_kernel(
     x_ptr, u_ptr, v_ptr, la_ptr, st_ptr, dst_ptr, dy_ptr, du_ptr, dv_ptr, dla_ptr,
     tab_ptr, T, H, R, P: tl.constexpr, NC, LOG_BH, LOG_NC,
     C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    RAW: tl.constexpr, RAW_S: tl.constexpr,
 ):
     """dU, dV (in u's dtype) and d log_a (fp32) of one (chunk, b*h). S, dS' = state entering /
-    gradient of the state leaving the chunk, [B,H,NC,R,P] fp32 each. The terms that sum over P
-    (dY X^T, X dS'^T, dY S^T, <S, dS'>) are accumulated over blocks of BP columns in registers, so
-    every output is written once, whole (no partials, no atomics). Formulas: the module docstring."""
+    gradient of the state leaving the chunk, [B,H,NC,R,P] fp32 each (bf16 with compact states). The
+    terms that sum over P (dY X^T, X dS'^T, dY S^T, <S, dS'>) are accumulated over blocks of BP columns
+    in registers, so every output is written once, whole (no partials, no atomics). Formulas: the
+    module docstring."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
@@ -321,19 +353,22 @@ def _chunk_duv_kernel(
     xds = tl.zeros([C, RB], dtype=tl.float32)  # X dS'^T
     dys = tl.zeros([C, RB], dtype=tl.float32)  # dY S^T
     sds = tl.zeros([RB, BP], dtype=tl.float32)  # S o dS', summed at the end
-    for p0 in range(0, P, BP):
-        x = _load_f32(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-        dy = _load_f32(_rows(dy_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
-        s = _load_f32(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
-        ds = _load_f32(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
-        dyx += _dot(dy, tl.trans(x), PREC)
-        xds += _dot(x, tl.trans(ds), PREC)
-        dys += _dot(dy, tl.trans(s), PREC)
-        sds += s * ds
-
+    # Loaded before the loop over P, so their latency hides behind it (H100, bf16, T 2048, P = R = 64:
+    # 0.72 -> 0.70 ms at the config the autotuner picks, benchmarks/sweep_ssd_configs.py).
     cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
-    u = _load_f32(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
-    v = _load_f32(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    u_raw = _load_raw(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    v_raw = _load_raw(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
+    for p0 in range(0, P, BP):
+        x = _load_raw(_rows(x_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
+        dy = _load_raw(_rows(dy_ptr, i_b, i_h, t0, p0, T, t_end, H, P, C, BP))
+        s = _load_raw(_state_tile(st_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+        ds = _load_raw(_state_tile(dst_ptr, i_bh, i_c, p0, R, P, NC, RB, BP))
+        dyx += _mm(dy, tl.trans(x), PREC, RAW)
+        xds += _mm(x, tl.trans(ds), PREC, RAW_S)
+        dys += _mm(dy, tl.trans(s), PREC, RAW_S)
+        sds += s.to(tl.float32) * ds.to(tl.float32)
+
+    u, v = u_raw.to(tl.float32), v_raw.to(tl.float32)
     w_start = tl.exp(cum)  # e^cum: from the chunk's start to t
     w_end = tl.exp(g - cum)  # e^(g - cum): from t to the chunk's end
     o_c = tl.arange(0, C)
@@ -348,7 +383,7 @@ def _chunk_duv_kernel(
     # d cum through L (dA o V U^T: row sums in, column sums out), through e^cum
     # (<dY_t, (V S)_t> = <v_t, (dY S^T)_t>) and through e^(g - cum); g = cum_{C-1} collects
     # e^g <S, dS'> and the sum of the last.
-    m = da * _dot(v, tl.trans(u), PREC)
+    m = da * _mm(v_raw, tl.trans(u_raw), PREC, RAW)
     w = w_end * tl.sum(u * xds, 1)
     dcum = tl.sum(m, 1) - tl.sum(m, 0) + w_start * tl.sum(v * dys, 1) - w
     dg = tl.exp(g) * tl.sum(tl.sum(sds, 1), 0) + tl.sum(w, 0)
@@ -358,8 +393,26 @@ def _chunk_duv_kernel(
     tl.store(dla_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, dla, mask=o_t < t_end)
 
 
+# Dot products of two 16-bit tiles as loaded (u, v, x, dY, and the chunk states when they are saved in
+# the inputs' dtype) run on the tensor cores in that dtype instead of widened to tf32: the products are
+# exact either way, and bf16 operands take half the shared memory and twice the rate of tf32. Products
+# with a computed fp32 operand (decayed scores, dA) stay tf32 (see `_dot`).
+RAW_DOTS_BY_DEFAULT = True
+
+
+def _raw_meta(x_dtype: torch.dtype, *state_dtypes: torch.dtype) -> dict:
+    """RAW / RAW_S of the chunk kernels: 16-bit inputs' own dot products, and those with the states
+    too when every state tensor the kernel reads has the inputs' dtype."""
+    # Not under Triton 3.6's interpreter: its tl.dot of bf16 tiles returns garbage (~1e10 off for
+    # unit-normal 16 x 16 tiles), so the interpreter tests run the widened products and the GPU tests
+    # (tests/gpu/test_semiseparable_gpu.py, the default path) these.
+    raw = RAW_DOTS_BY_DEFAULT and x_dtype in (torch.bfloat16, torch.float16) and not interpreter_enabled()
+    return dict(RAW=raw, RAW_S=raw and all(d == x_dtype for d in state_dtypes))
+
+
 def _prec(dtype: torch.dtype) -> str:
-    """The `_dot` mode: fp32 inputs keep exact fp32 products, bf16/fp16 inputs run on tf32 tensor cores."""
+    """The `_dot` mode: fp32 inputs keep exact fp32 products; for bf16/fp16 inputs, products with a
+    computed fp32 operand run on tf32 tensor cores (those of two loaded 16-bit tiles: `_mm`)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -411,13 +464,14 @@ def _layout(x: Tensor, u: Tensor, chunk_size: int, cu_seqlens: Tensor | None):
     return (b, t, h, p, u.shape[-1], table.shape[0]), chunk, table, cu_seqlens.numel() - 1
 
 
-def _fused_walk(fused_states: bool | None, two_levels: bool | None, shape: tuple) -> bool:
-    """Whether the chunk states come from `fused_states.py`'s fused walk instead of `_chunk_state_kernel`
-    + `state_pass` (None: its policy, `use_fused_states`). Imported here: it imports this module."""
-    from muse_lm.ops.semiseparable.fused_states import resolve_fused_states
+def _walk_plan(fused_states: bool | None, two_levels: bool | None, shape: tuple) -> tuple[bool, bool]:
+    """(fused, two levels): whether the chunk states come from `fused_states.py`'s fused walk instead of
+    `_chunk_state_kernel` + `state_pass`, and in how many levels (None: the policies of
+    `fused_states.resolve_walk`). Imported here: it imports this module."""
+    from muse_lm.ops.semiseparable.fused_states import resolve_walk
 
     b, _, h, p, r, nc = shape
-    return resolve_fused_states(fused_states, two_levels, b * h, nc, r * p)
+    return resolve_walk(fused_states, two_levels, b * h, nc, r * p)
 
 
 def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | None = None,
@@ -426,7 +480,7 @@ def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | N
     shape = (B, T, H, P, R, NC) (`_layout`): bf16 for bf16 inputs when the fused walk runs
     with compact states (None: `fused_states.use_compact_states`), else fp32. The custom op's fake
     implementation asks the same question, so compiled graphs see the dtype the kernels write."""
-    return _state_dtype(x_dtype, _fused_walk(fused_states, two_levels, shape), compact_states)
+    return _state_dtype(x_dtype, _walk_plan(fused_states, two_levels, shape)[0], compact_states)
 
 
 def _state_dtype(x_dtype: torch.dtype, fused: bool, compact_states: bool | None) -> torch.dtype:
@@ -445,16 +499,19 @@ def _state_dtype(x_dtype: torch.dtype, fused: bool, compact_states: bool | None)
     return x_dtype if compact and x_dtype == torch.bfloat16 else torch.float32
 
 
-def _chunk_states(a, b, log_a, states, init, layout, config, two_levels, fused: bool, reverse: bool, meta):
+def _chunk_states(a, b, log_a, states, init, layout, config, walk: tuple[bool, bool], reverse: bool, meta):
     """Writes each chunk's state into `states` (forward: a, b = u, x, the state entering the chunk;
     backward, reverse: v, dY, the gradient of the state leaving it) by the fused walk or by the chunk
-    kernel + `state_pass`; returns (the final states, or d initial_state, and the tensor the later
-    kernels take as their chunk table: the table itself, or any tensor when there is none)."""
+    kernel + `state_pass`, in one level or two (walk = `_walk_plan`); returns (the final states, or
+    d initial_state, and the tensor the later kernels take as their chunk table: the table itself, or
+    any tensor when there is none)."""
     shape, chunk, table, n_seq = layout
+    fused, two_levels = walk
     if fused:
-        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states
+        from muse_lm.ops.semiseparable.fused_states import fused_chunk_states, fused_group_size
 
-        final = fused_chunk_states(a, b, log_a, states, init, n_seq, chunk, table, reverse=reverse)
+        group = fused_group_size(shape[-1]) if two_levels else None
+        final = fused_chunk_states(a, b, log_a, states, init, n_seq, chunk, table, reverse=reverse, group=group)
         return final, states if table is None else table  # never read without VARLEN
     bsz, _, h, _, _, nc = shape
     g = torch.empty(bsz * h, nc, device=a.device, dtype=torch.float32)
@@ -468,14 +525,14 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fus
              compact_states=None):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
-    fused = _fused_walk(fused_states, two_levels, shape)
+    walk = _walk_plan(fused_states, two_levels, shape)
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"semiseparable_forward: out must be contiguous {tuple(x.shape)} {x.dtype}")
     # Compact: bf16 inputs keep their saved chunk states in bf16 (the walk itself runs in fp32
     # registers); half the states' traffic and memory, for an error below the bf16 output's own.
-    state_dtype = _state_dtype(x.dtype, fused, compact_states)
+    state_dtype = _state_dtype(x.dtype, walk[0], compact_states)
     states = torch.empty(b, h, nc, r, p, device=x.device, dtype=state_dtype)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: nothing to launch, y = 0
         out.zero_()
@@ -483,16 +540,16 @@ def _forward(x, u, v, log_a, initial_state, layout, config, two_levels, out, fus
         return out, (final if initial_state is None else final + initial_state), states
     init = None if initial_state is None else initial_state.contiguous()
     meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
-    final, tab = _chunk_states(u, x, log_a, states, init, layout, config, two_levels, fused, False, meta)
+    final, tab = _chunk_states(u, x, log_a, states, init, layout, config, walk, False, meta)
     _launch_chunks(_chunk_output_kernel, _chunk_output_tuned, shape, config, (x, u, v, log_a, states, out, tab),
-                   **meta)
+                   **meta, **_raw_meta(x.dtype, states.dtype))
     return out, final, states
 
 
 def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_levels, fused_states=None):
     shape, chunk, table, n_seq = layout
     b, t, h, p, r, nc = shape
-    fused = _fused_walk(fused_states, two_levels, shape)
+    walk = _walk_plan(fused_states, two_levels, shape)
     if x.numel() == 0 or u.numel() == 0:  # B, H, P or R is 0: every gradient is empty or zero
         d_init = torch.zeros(n_seq, h, r, p, device=x.device, dtype=torch.float32)
         if grad_final is not None:  # an empty state (or no token in the way) passes its gradient through
@@ -504,13 +561,15 @@ def _backward(x, u, v, log_a, states, grad_y, grad_final, layout, config, two_le
     meta = dict(C=chunk, RB=_r_block(r), PREC=_prec(x.dtype), VARLEN=table is not None)
     # The fused walk stores the states' gradients like the forward stored the states (compact or fp32);
     # the unfused walk accumulates in place and needs fp32.
-    dstates = torch.empty(states.shape, device=x.device, dtype=states.dtype if fused else torch.float32)
-    d_init, tab = _chunk_states(v, dy, log_a, dstates, dfinal, layout, config, two_levels, fused, True, meta)
+    dstates = torch.empty(states.shape, device=x.device, dtype=states.dtype if walk[0] else torch.float32)
+    d_init, tab = _chunk_states(v, dy, log_a, dstates, dfinal, layout, config, walk, True, meta)
     dx, du, dv = torch.empty_like(x), torch.empty_like(u), torch.empty_like(v)
     dla = torch.empty(log_a.shape, device=x.device, dtype=torch.float32)
-    _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx, tab), **meta)
+    raw = _raw_meta(x.dtype, states.dtype, dstates.dtype)
+    _launch_chunks(_chunk_dx_kernel, _chunk_dx_tuned, shape, config, (u, v, log_a, dstates, dy, dx, tab), **meta,
+                   **raw)
     _launch_chunks(_chunk_duv_kernel, _chunk_duv_tuned, shape, config,
-                   (x, u, v, log_a, states, dstates, dy, du, dv, dla, tab), **meta)
+                   (x, u, v, log_a, states, dstates, dy, du, dv, dla, tab), **meta, **raw)
     return dx, du, dv, dla, d_init
 
 
@@ -535,10 +594,11 @@ def semiseparable_forward(
     x [B,T,H,P], u, v [B,T,H,R] (one dtype: fp32/bf16/fp16), log_a [B,T,H] fp32, initial_state
     [B|N,H,R,P] fp32 or None. cu_seqlens [N+1] (B = 1): packed sequences, each in its own chunks (NC
     counts them all). two_levels: the walk over chunk states in two levels (True), one (False) or
-    chosen by `state_pass.use_two_levels` (None). fused_states: the chunk states from the one-level walk
-    fused with each chunk's contribution (`fused_states.py`; True, exclusive with two_levels=True), the
-    unfused kernels (False) or chosen by `fused_states.use_fused_states` (None; on where the one-level
-    walk would run). `config` sets the chunk kernels; the fused walk autotunes on CUDA or takes its own default config.
+    chosen by policy (None: `fused_states.use_fused_two_levels` for the fused walk,
+    `state_pass.use_two_levels` for the unfused one). fused_states: the chunk states from a walk fused
+    with each chunk's contribution (`fused_states.py`, True), the unfused kernels (False) or chosen by
+    `fused_states.use_fused_states` (None; on). `config` sets the chunk kernels; the fused walk autotunes
+    on CUDA or takes its own default config.
     compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, on):
     bf16 inputs save the entering states in bf16 (the backward then keeps the states' gradients so
     too); True with fp16 or fp32 inputs raises (fp16's range could overflow a state). `out`
@@ -577,7 +637,7 @@ def semiseparable_backward(
 
 class SemiseparableTriton(torch.autograd.Function):
     """(y, final state) = semiseparable_forward(...); the backward recomputes each chunk from the saved
-    inputs and the states entering each chunk ([B,H,NC,R,P] fp32)."""
+    inputs and the states entering each chunk ([B,H,NC,R,P] fp32, or bf16 when compact)."""
 
     @staticmethod
     def forward(ctx, x, u, v, log_a, initial_state, chunk_size: int, config, cu_seqlens, two_levels):

@@ -1,0 +1,66 @@
+"""Where the SSD scan's time goes on one GPU: torch.profiler's CUDA time per kernel of the default
+`semiseparable_forward` + `semiseparable_backward` (bf16, 65536 tokens, 16 heads, P = R = 64), by T.
+
+    PYTHONPATH=src python3 benchmarks/profile_scan.py --t 2048,16384 --out $OUT/profile_scan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
+from muse_lm.provenance import git_commit
+
+TOKENS, HEADS, DIM, CHUNK, REPS = 65536, 16, 64, 64, 20
+
+
+def kernel_times(t: int) -> dict:
+    """{kernel name: mean CUDA ms per forward+backward}, and their sum, at B = TOKENS // t."""
+    b = TOKENS // t
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    x, dy = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
+    u, v = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
+    log_a = -2.0 * torch.rand(b, t, HEADS, device="cuda", generator=gen)
+
+    def step():
+        _, _, states = semiseparable_forward(x, u, v, log_a, None, CHUNK)
+        semiseparable_backward(x, u, v, log_a, states, dy, None, CHUNK)
+
+    for _ in range(3):  # compile and autotune outside the profile
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            step()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.device_time_total > 0:
+            per[evt.key] += evt.device_time_total / 1000 / REPS
+    per = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+    return dict(B=b, T=t, kernels_ms=per, total_ms=sum(per.values()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--t", default="2048,16384")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_scan.json")
+    args = ap.parse_args()
+    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               commit=git_commit(), shape=dict(tokens=TOKENS, heads=HEADS, P=DIM, R=DIM, dtype="bf16"), runs={})
+    for t in (int(v) for v in args.t.split(",")):
+        res["runs"][f"T{t}"] = kernel_times(t)
+        print(f"T{t}", json.dumps(res["runs"][f"T{t}"], indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
