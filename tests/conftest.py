@@ -41,8 +41,11 @@ TINY_OVERRIDES = {
     "vocab_size": 300, "seq_len": 32, "micro_batch": 4, "log_every": 1, "eval_every": 5, "eval_batches": 2,
     "warmup_steps": 2, "lr": 1e-2,
 }
+# Not colorsys.py: its source differs between Python 3.11.2 and 3.11.7, and with 3.11.7's the healthy
+# tiny run of tests/training/test_faults.py had one gradient-norm spike the monitor skipped. The
+# files kept are byte-identical in both (3.12.1's run is healthy too).
 _CORPUS_FILES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py",
-                 "string.py", "shlex.py", "colorsys.py", "bisect.py", "heapq.py", "fnmatch.py", "glob.py")
+                 "string.py", "shlex.py", "bisect.py", "heapq.py", "fnmatch.py", "glob.py")
 
 
 @pytest.fixture(scope="session")
