@@ -12,22 +12,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile
 
 from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
-from muse_lm.provenance import git_commit
+from sweep_ssd_configs import CHUNK, TOKENS, mixer_inputs, result_header
 
-TOKENS, HEADS, DIM, CHUNK, REPS = 65536, 16, 64, 64, 20
+REPS = 20
 
 
 def kernel_times(t: int) -> dict:
     """{kernel name: mean CUDA ms per forward+backward}, and their sum, at B = TOKENS // t."""
     b = TOKENS // t
-    gen = torch.Generator(device="cuda").manual_seed(t)
-    x, dy = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
-    u, v = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
-    log_a = -2.0 * torch.rand(b, t, HEADS, device="cuda", generator=gen)
+    x, dy, u, v, log_a = mixer_inputs(t, torch.Generator(device="cuda").manual_seed(t))
 
     def step():
         _, _, states = semiseparable_forward(x, u, v, log_a, None, CHUNK)
@@ -53,8 +49,7 @@ def main() -> None:
     ap.add_argument("--t", default="2048,16384")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_scan.json")
     args = ap.parse_args()
-    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               commit=git_commit(), shape=dict(tokens=TOKENS, heads=HEADS, P=DIM, R=DIM, dtype="bf16"), runs={})
+    res = dict(result_header(), runs={})
     for t in (int(v) for v in args.t.split(",")):
         res["runs"][f"T{t}"] = kernel_times(t)
         print(f"T{t}", json.dumps(res["runs"][f"T{t}"], indent=1), flush=True)

@@ -24,13 +24,25 @@ TOKENS, HEADS, DIM, CHUNK = 65536, 16, 64, 64
 CANDIDATES = [k.SSDConfig(bp, w, st) for bp, w, st in itertools.product((16, 32, 64), (4, 8), (1, 2, 3))]
 
 
-def _inputs(t: int):
+def mixer_inputs(t: int, gen: torch.Generator) -> tuple:
+    """(x, dy, u, v, log_a) at the mixer's shape, B = TOKENS // t: bf16 normals, log-decays in [-2, 0]."""
     b = TOKENS // t
-    gen = torch.Generator(device="cuda").manual_seed(t)
     x, dy = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
     u, v = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
     log_a = -2.0 * torch.rand(b, t, HEADS, device="cuda", generator=gen)
-    nc = triton.cdiv(t, CHUNK)
+    return x, dy, u, v, log_a
+
+
+def result_header() -> dict:
+    """What every result file of the mixer-shape scripts starts with: device, versions, commit, shape."""
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=git_commit(), shape=dict(tokens=TOKENS, heads=HEADS, P=DIM, R=DIM, dtype="bf16"))
+
+
+def _inputs(t: int):
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    x, dy, u, v, log_a = mixer_inputs(t, gen)
+    b, nc = x.shape[0], triton.cdiv(t, CHUNK)
     states, dstates = torch.randn(2, b, HEADS, nc, DIM, DIM, device="cuda", generator=gen).bfloat16()
     return (b, t, HEADS, DIM, DIM, nc), x, dy, u, v, log_a, states, dstates
 
@@ -84,8 +96,7 @@ def main() -> None:
     ap.add_argument("--t", default="2048,16384")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ssd_sweep.json")
     args = ap.parse_args()
-    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               commit=git_commit(), shape=dict(tokens=TOKENS, heads=HEADS, P=DIM, R=DIM, dtype="bf16"), runs={})
+    res = dict(result_header(), runs={})
     for t in (int(v) for v in args.t.split(",")):
         res["runs"][f"T{t}"] = sweep(t)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,6 @@ __all__ = [
     "resolve_walk",
     "smem_estimate",
     "use_compact_states",
-    "use_fused_states",
     "use_fused_two_levels",
 ]
 
@@ -167,13 +166,6 @@ def _triton_configs() -> list[triton.Config]:
     ]
 
 
-def use_fused_states(rows: int, n_chunks: int, state_size: int) -> bool:
-    """Whether `semiseparable_forward` / `_backward` run the fused walk when not told (fused_states=None),
-    for `rows` (B*H) walks of `n_chunks` chunks over a state of `state_size` (R*P) elements:
-    `FUSED_STATES_BY_DEFAULT` (on: measured faster on an H100), in one level or two."""
-    return FUSED_STATES_BY_DEFAULT
-
-
 def use_fused_two_levels(rows: int, n_chunks: int, state_size: int) -> bool:
     """Whether the fused walk runs in two levels when not told (two_levels=None): where the unfused walk
     does (`state_pass.use_two_levels`: few state elements in all, so few walks in flight), and for any
@@ -211,10 +203,11 @@ def resolve_compact_states(compact_states: bool | None, fused: bool) -> bool:
 
 def resolve_walk(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
                  state_size: int) -> tuple[bool, bool]:
-    """(fused, two levels) for the walk over chunk states. None asks the policies: `use_fused_states`,
-    then `use_fused_two_levels` for the fused walk or `state_pass.use_two_levels` for the unfused one.
-    Every combination exists: both walks have a one-level and a two-level form."""
-    fused = use_fused_states(rows, n_chunks, state_size) if fused_states is None else bool(fused_states)
+    """(fused, two levels) for the walk over chunk states. None asks the policies: `FUSED_STATES_BY_DEFAULT`
+    (on: measured faster on an H100 at every shape), then `use_fused_two_levels` for the fused walk or
+    `state_pass.use_two_levels` for the unfused one. Every combination exists: both walks have a
+    one-level and a two-level form."""
+    fused = FUSED_STATES_BY_DEFAULT if fused_states is None else bool(fused_states)
     if two_levels is None:
         policy = use_fused_two_levels if fused else use_two_levels
         return fused, policy(rows, n_chunks, state_size)
@@ -281,8 +274,7 @@ def _walk_step(
 @triton.jit(do_not_specialize=["T", "NC", "G", "NG", "LOG_BH", "LOG_NC"])
 def _fused_walk_kernel(
     a_ptr, b_ptr, la_ptr, st_ptr, init_ptr, final_ptr, tab_ptr, pc_ptr, g_ptr, gst_ptr, gdec_ptr, T, H, R, P, NC, G,
-    NG,
-    LOG_BH, LOG_NC, C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, STAGES: tl.constexpr,
+    NG, LOG_BH, LOG_NC, C: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, STAGES: tl.constexpr,
     HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, GROUPED: tl.constexpr,
     PREC: tl.constexpr, INTERPRET: tl.constexpr,
 ):

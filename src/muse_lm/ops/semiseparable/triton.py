@@ -597,7 +597,7 @@ def semiseparable_forward(
     chosen by policy (None: `fused_states.use_fused_two_levels` for the fused walk,
     `state_pass.use_two_levels` for the unfused one). fused_states: the chunk states from a walk fused
     with each chunk's contribution (`fused_states.py`, True), the unfused kernels (False) or chosen by
-    `fused_states.use_fused_states` (None; on). `config` sets the chunk kernels; the fused walk autotunes
+    `fused_states.FUSED_STATES_BY_DEFAULT` (None; on). `config` sets the chunk kernels; the fused walk autotunes
     on CUDA or takes its own default config.
     compact_states (True needs the fused walk; None: `fused_states.use_compact_states`, on):
     bf16 inputs save the entering states in bf16 (the backward then keeps the states' gradients so
