@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh walks|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh walks|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -40,6 +40,16 @@ case "$PART" in
     step walks 300 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states \
       --fused-t 1024,2048,8192,16384,65536 --out "$OUT/ssd_walks.json"
     step mixer 250 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
+    ;;
+  duv)
+    # The d cum rework of _chunk_duv_kernel: the GPU test module's tests listed in gpu_ids.txt (one id a
+    # line; the rest ran in an earlier call), then the mixer benchmark and the per-kernel profile.
+    if [ -f gpu_ids.txt ]; then
+      mapfile -t IDS < gpu_ids.txt
+      step ssd_tests 230 "${PYTEST[@]}" "${IDS[@]}"
+    fi
+    step mixer 230 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
+    step profile 70 python3 benchmarks/profile_scan.py --out "$OUT/profile_scan.json"
     ;;
   scans)
     step fused_check 150 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --out "$OUT/ssd_fused.json"
@@ -96,5 +106,5 @@ case "$PART" in
     step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 110 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (scans, fixes, final, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
+  *) echo "unknown part $PART (walks, duv, scans, fixes, final, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
 esac

@@ -33,6 +33,8 @@ Backward (dY, dS_final), the mirror image; the entering states are saved by the 
       dcum_t = sum_s (dA o V U^T)[t,s] - sum_s (dA o V U^T)[s,t]      (through L)
              + e^cum_t <dY_t, (V S)_t>                                (through e^cum)
              - w_t,  w_t = e^(g - cum_t) <u_t, dS' x_t>              (through e^(g - cum))
+             = <v_t, dV_t> - <u_t, dU_t>    (the row sums of dA o V U^T are <v_t, (dA U)_t>, its
+                                             column sums <u_s, (dA^T V)_s>; the state terms fill dU, dV)
       dg = e^g <S, dS'> + sum_t w_t, added to dcum_{C-1};  d log_a_j = sum_{t >= j} dcum_t.
     Two kernels: `_chunk_dx_kernel` per (chunk, b*h, P-block) for dX, and `_chunk_duv_kernel` per
     (chunk, b*h), which walks P in blocks accumulating the terms that sum over P in registers, so dU,
@@ -104,10 +106,10 @@ class SSDConfig:
 # preset); in the forward kernels BP = 32 doubles the programs when B*H*chunks is small; BP = 64
 # covers P = head_dim in one block. The backward kernel walks P in blocks of BP (smaller blocks, fewer
 # registers). num_stages stays 1: only the backward has a loop, and it is one to four trips long. A sweep
-# of 18 configs on an H100 (benchmarks/sweep_ssd_configs.py, bf16, T 2048, P = R = 64) found
-# (32, 4, 3) 4.6% faster than the autotuner's pick for `_chunk_duv_kernel` and nothing better for the
-# others; not declared yet: every declared config costs interpreter and GPU test time, and that one
-# is unchecked against the 99 KB cap.
+# of 18 configs on an H100 (benchmarks/sweep_ssd_configs.py, bf16, T 2048, P = R = 64) found nothing
+# better than the autotuner's pick for the forward and dx kernels; for `_chunk_duv_kernel`, (32, 4, 3)
+# was 4.6% faster before its d cum rework and is 4.6% slower since (0.565 vs 0.540 ms for (64, 4, 1)),
+# so it stays undeclared. 8 warps are 1.6-1.9x slower for that kernel at every BP.
 CONFIGS = (
     SSDConfig(16, 4, 1),
     SSDConfig(32, 4, 1),
@@ -140,7 +142,8 @@ def smem_estimate(block_p: int, chunk: int, block_r: int) -> int:
     `_chunk_duv_kernel`): fp32 dot operands at worst (16-bit products take half), 4 (2 C BP + 3 R BP +
     2 C R), plus one fp32 C x C tile. Checked against Triton 3.6's sm_90 compiles at C 64, R 32 before
     the 16-bit products: for BP 16, 32, 64 the largest kernel took 40, 56, 44 KB (bf16 inputs); the
-    estimate says 46, 60, 88 KB. With them, R 64, BP 64: 64 KB against 128."""
+    estimate says 46, 60, 88 KB. With them, R 64, BP 64: 64 KB against 128, and 48 KB since the
+    d cum rework of `_chunk_duv_kernel`."""
     return 4 * (2 * chunk * block_p + 3 * block_r * block_p + 2 * chunk * block_r) + 4 * chunk * chunk
 
 
@@ -176,17 +179,18 @@ def _triton_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr):
+def _dot(a, b, PREC: tl.constexpr, acc=None):
     """a @ b of fp32 tiles with fp32 accumulation: "ieee" (fp32 inputs: exact fp32 products, the 1e-4
     contract) or "tf32" (bf16/fp16 inputs: tensor cores with 10-bit operands). For a product with a
     computed fp32 operand (the decayed scores, dA, fp32 states): its operands are rounded to tf32
     (2^-11) rather than to bf16 (2^-8); rounded to bf16, they put the max-relative error of y and dX
     at 1.1e-2 for P 64, R 32 (measured with exact products of bf16-rounded operands), over the 1e-2
-    budget before the bf16 output's own rounding (~4e-3). Two loaded 16-bit tiles go through `_mm`."""
+    budget before the bf16 output's own rounding (~4e-3). Two loaded 16-bit tiles go through `_mm`.
+    acc (fp32, optional) is added to the product by the dot itself."""
     if PREC == "ieee":
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision="tf32")
 
 
 @triton.jit
@@ -345,16 +349,18 @@ def _chunk_duv_kernel(
     gradient of the state leaving the chunk, [B,H,NC,R,P] fp32 each (bf16 with compact states). The
     terms that sum over P (dY X^T, X dS'^T, dY S^T, <S, dS'>) are accumulated over blocks of BP columns
     in registers, so every output is written once, whole (no partials, no atomics). Formulas: the
-    module docstring."""
+    module docstring; d cum comes from dU and dV themselves (<v, dV> - <u, dU>), so no C x C tile of
+    dA o V U^T is formed, and each state term is the accumulator its dot product adds onto. On an H100
+    (bf16, T 2048, P = R = 64, BP 64, 4 warps) that took the kernel from 0.70 to 0.53 ms (profile_scan.json): it spilled
+    ~1.2 KB a thread before, ~0.7 KB now (benchmarks/ptxas_ssd_kernels.py)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     dyx = tl.zeros([C, C], dtype=tl.float32)  # dY X^T
     xds = tl.zeros([C, RB], dtype=tl.float32)  # X dS'^T
     dys = tl.zeros([C, RB], dtype=tl.float32)  # dY S^T
-    sds = tl.zeros([RB, BP], dtype=tl.float32)  # S o dS', summed at the end
-    # Loaded before the loop over P, so their latency hides behind it (H100, bf16, T 2048, P = R = 64:
-    # 0.72 -> 0.70 ms at the config the autotuner picks, benchmarks/sweep_ssd_configs.py).
+    sds = 0.0  # <S, dS'>
+    # Loaded before the loop over P, so their latency hides behind it.
     cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
     u_raw = _load_raw(_rows(u_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
     v_raw = _load_raw(_rows(v_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB))
@@ -366,28 +372,24 @@ def _chunk_duv_kernel(
         dyx += _mm(dy, tl.trans(x), PREC, RAW)
         xds += _mm(x, tl.trans(ds), PREC, RAW_S)
         dys += _mm(dy, tl.trans(s), PREC, RAW_S)
-        sds += s.to(tl.float32) * ds.to(tl.float32)
+        sds += tl.sum(tl.sum(s.to(tl.float32) * ds.to(tl.float32), 1), 0)
 
     u, v = u_raw.to(tl.float32), v_raw.to(tl.float32)
-    w_start = tl.exp(cum)  # e^cum: from the chunk's start to t
     w_end = tl.exp(g - cum)  # e^(g - cum): from t to the chunk's end
+    w = w_end * tl.sum(u * xds, 1)  # through e^(g - cum), summed into dg below
     o_c = tl.arange(0, C)
     causal = o_c[:, None] >= o_c[None, :]
     da = dyx * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))  # dY X^T o L
-    du = _dot(tl.trans(da), v, PREC) + w_end[:, None] * xds
-    dv = _dot(da, u, PREC) + w_start[:, None] * dys
+    du = _dot(tl.trans(da), v, PREC, w_end[:, None] * xds)
     tl.store(_rows(du_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB), du.to(du_ptr.dtype.element_ty),
              boundary_check=(0, 1))
+    dcum = -tl.sum(u * du, 1)
+    dv = _dot(da, u, PREC, tl.exp(cum)[:, None] * dys)  # e^cum: from the chunk's start to t
     tl.store(_rows(dv_ptr, i_b, i_h, t0, 0, T, t_end, H, R, C, RB), dv.to(dv_ptr.dtype.element_ty),
              boundary_check=(0, 1))
-    # d cum through L (dA o V U^T: row sums in, column sums out), through e^cum
-    # (<dY_t, (V S)_t> = <v_t, (dY S^T)_t>) and through e^(g - cum); g = cum_{C-1} collects
-    # e^g <S, dS'> and the sum of the last.
-    m = da * _mm(v_raw, tl.trans(u_raw), PREC, RAW)
-    w = w_end * tl.sum(u * xds, 1)
-    dcum = tl.sum(m, 1) - tl.sum(m, 0) + w_start * tl.sum(v * dys, 1) - w
-    dg = tl.exp(g) * tl.sum(tl.sum(sds, 1), 0) + tl.sum(w, 0)
-    dcum += tl.where(o_c == C - 1, dg, 0.0)
+    dcum += tl.sum(v * dv, 1)
+    # g = cum_{C-1} collects e^g <S, dS'> and the sum of w.
+    dcum += tl.where(o_c == C - 1, tl.exp(g) * sds + tl.sum(w, 0), 0.0)
     dla = tl.cumsum(dcum, 0, reverse=True)  # d log_a_j = sum_{t >= j} dcum_t within the chunk
     o_t = t0 + o_c
     tl.store(dla_ptr + (i_b.to(tl.int64) * T + o_t) * H + i_h, dla, mask=o_t < t_end)
