@@ -75,8 +75,9 @@ def tt_embedding(ids: Tensor, cores: Sequence[Tensor], *, impl: str | None = Non
         cores: K = 2 or 3 tensors, cores[k] `(v_k, r_{k-1}, d_k, r_k)` with r_0 = r_K = 1. An id
             is written in mixed radix over (v_1..v_K), i_1 most significant.
         impl: None | "torch" | "triton" (see `muse_lm.ops._dispatch.resolve_impl`). The Triton
-            backward adds core gradients with float atomics, so they may differ between runs in
-            the last bits; impl="torch" is deterministic.
+            backward is deterministic for K = 2 (sorted by digit, no atomics); for K = 3 it adds
+            core gradients with float atomics, so they may differ between runs in the last bits
+            (impl="torch" is deterministic).
 
     Returns:
         `[..., D]`, D = prod d_k, flattened in mixed radix over (d_1..d_K), d_1 most

@@ -5,9 +5,9 @@ Forward: each program takes BLOCK_N tokens, splits their ids into digits, gather
 K = 3: rank-1 updates in registers), writing only the `[N, D]` rows.
 
 Backward, K = 2 ("sorted", the default): for each core, the tokens are stably sorted by that
-core's digit on the device, and one program per (digit value, chunk) sums the tokens' slice
-gradients with tl.dot into fp32 registers; chunk partials are added in a fixed order, so the
-result is deterministic and uses no atomics. Backward, K = 3 ("atomic"): each program reads
+core's digit on the device, and one program per (digit value, piece) sums the tokens' slice
+gradients with tl.dot into fp32 registers; a second kernel adds each digit's pieces in a fixed
+order, so the result is deterministic and uses no atomics. Backward, K = 3 ("atomic"): each program reads
 `grad_out` once per token and adds the core-slice gradients into fp32 buffers with atomics;
 float atomics add in whatever order the programs arrive, so those gradients can differ between
 runs in the last bits. Nothing of size V x D is formed and nothing waits on the host.
@@ -318,6 +318,17 @@ def _segment_dot_block(
 
 
 @triton.jit
+def _segment_chunk(seg_ptr, seg, SPLIT, BT: tl.constexpr, MIN_CHUNK: tl.constexpr):
+    """(start, end, chunk) of segment `seg`: its sorted positions [start, end) are cut into pieces of
+    `chunk` tokens, at least MIN_CHUNK and whole blocks of BT, so a frequent digit gets all SPLIT
+    programs and a rare one a few. `_segment_dot_kernel` and `_segment_reduce_kernel` share it."""
+    start = tl.load(seg_ptr + seg)
+    end = tl.load(seg_ptr + seg + 1)
+    chunk = tl.maximum((end - start + SPLIT - 1) // SPLIT, MIN_CHUNK)
+    return start, end, (chunk + BT - 1) // BT * BT
+
+
+@triton.jit
 def _segment_dot_kernel(
     order_ptr,
     ids_ptr,
@@ -346,36 +357,56 @@ def _segment_dot_kernel(
     INTERPRET: tl.constexpr,
     MIN_CHUNK: tl.constexpr,
 ):
-    """out[part, seg] = sum over the tokens of chunk `part` of segment `seg` of X_t @ Y_t (`[M, P]`).
+    """Slot `lo // MIN_CHUNK + seg` of out = sum over the tokens of piece `part` of segment `seg`
+    (sorted positions [lo, hi)) of X_t @ Y_t (`[M, P]` fp32); a program with no tokens writes nothing.
 
     Tokens come in digit order (`order_ptr`, segment offsets `seg_ptr`: V + 1 of them); CORE picks
-    which core's gradient this is (see `_segment_dot_block`).
+    which core's gradient this is (see `_segment_dot_block`). The slot is unique: pieces of one
+    segment start at least MIN_CHUNK apart, and a later segment's pieces start no earlier, so
+    `n // MIN_CHUNK + V` slots hold every piece (instead of SPLIT per segment, mostly zeros).
     """
     seg = tl.program_id(0)
     part = tl.program_id(1)
-    start = tl.load(seg_ptr + seg)
-    end = tl.load(seg_ptr + seg + 1)
-    # At least MIN_CHUNK tokens per program, in whole blocks of BT: a frequent digit gets all
-    # SPLIT programs, a rare one a few (the rest store zeros).
-    chunk = tl.maximum((end - start + SPLIT - 1) // SPLIT, MIN_CHUNK)
-    chunk = (chunk + BT - 1) // BT * BT
+    start, end, chunk = _segment_chunk(seg_ptr, seg, SPLIT, BT, MIN_CHUNK)
     lo = start + part * chunk
     hi = tl.minimum(lo + chunk, end)
-    m = tl.arange(0, BM)
-    k = tl.arange(0, BK)
-    p = tl.arange(0, BP)
-    acc = tl.zeros([BM, BP], dtype=tl.float32)
-    args = (order_ptr, ids_ptr, x_ptr, y_ptr, m, k, p, V2, ROW, SLICE, M, K, P)
-    if INTERPRET:  # Triton 3.6's interpreter cannot take loaded bounds in range()
-        pos = lo
-        while pos < hi:
-            acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
-            pos += BT
-    else:
-        for pos in tl.range(lo, hi, BT, num_stages=2):
-            acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
-    offs = ((part * V + seg) * M).to(tl.int64) * P + m[:, None] * P + p[None, :]
-    tl.store(out_ptr + offs, acc, mask=(m < M)[:, None] & (p < P)[None, :])
+    if lo < hi:
+        m = tl.arange(0, BM)
+        k = tl.arange(0, BK)
+        p = tl.arange(0, BP)
+        acc = tl.zeros([BM, BP], dtype=tl.float32)
+        args = (order_ptr, ids_ptr, x_ptr, y_ptr, m, k, p, V2, ROW, SLICE, M, K, P)
+        if INTERPRET:  # Triton 3.6's interpreter cannot take loaded bounds in range()
+            pos = lo
+            while pos < hi:
+                acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
+                pos += BT
+        else:
+            for pos in tl.range(lo, hi, BT, num_stages=2):
+                acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
+        slot = lo // MIN_CHUNK + seg
+        offs = (slot * M).to(tl.int64) * P + m[:, None] * P + p[None, :]
+        tl.store(out_ptr + offs, acc, mask=(m < M)[:, None] & (p < P)[None, :])
+
+
+@triton.jit
+def _segment_reduce_kernel(
+    seg_ptr, part_ptr, out_ptr, MP, SPLIT, BT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out[seg, cols] = the sum of segment seg's pieces (`_segment_dot_kernel`'s slots), added in
+    piece order, so the result does not depend on which program finished first; zeros for a digit
+    no token has."""
+    seg = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = col < MP
+    start, end, chunk = _segment_chunk(seg_ptr, seg, SPLIT, BT, MIN_CHUNK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = start
+    while lo < end:
+        slot = lo // MIN_CHUNK + seg
+        acc += tl.load(part_ptr + slot.to(tl.int64) * MP + col, mask=ok, other=0.0)
+        lo += chunk
+    tl.store(out_ptr + seg.to(tl.int64) * MP + col, acc, mask=ok)
 
 
 @dataclass(frozen=True)
@@ -400,9 +431,10 @@ class SegmentDotConfig:
             raise ValueError("SegmentDotConfig: chunks_per_segment >= 1 and num_warps in 1, 2, 4, 8")
 
 
-# The default: on an H100 (32768 ids, V 50257, D 1024, rank 16) the three declared shapes take
+# The default: on an H100 (32768 ids, V 50257, D 1024, rank 16) the three declared shapes took
 # the same ~0.21 ms on uniform ids, and this one half the time of the others on Zipf-distributed
-# ids (0.42 vs 0.73-0.80 ms), as text has: more chunks per frequent digit (benchmarks/bench_htt.py).
+# ids (0.42 vs 0.73-0.80 ms), as text has: more pieces per frequent digit (benchmarks/bench_htt.py,
+# measured before the compact slots and 8-bit keys).
 SEGMENT_CONFIG = SegmentDotConfig(4, 16, 4, 4)
 # Every declared shape is checked against the reference (interpreter and GPU tests).
 SEGMENT_CONFIGS = (SEGMENT_CONFIG, SegmentDotConfig(8, 32, 2, 4), SegmentDotConfig(16, 32, 2, 4))
@@ -425,21 +457,25 @@ def _segment_dot(
 ) -> Tensor:
     """Sum of X_t @ Y_t over the tokens of each digit value: `[v, M, P]` fp32, deterministic.
 
-    Tokens are stably sorted by digit (on the device: no host sync); each segment is cut into
-    SPLIT chunks whose partial sums go to separate slots, added in a fixed order at the end.
+    Tokens are stably sorted by digit (on the device: no host sync); each segment is cut into at
+    most SPLIT pieces whose partial sums go to their own slots, added in a fixed order at the end.
     """
     cfg = cfg or SEGMENT_CONFIG
     m, k, p = mkp
     n = digit.shape[0]
-    # Narrow keys: the radix sort makes one pass per key byte (int16: 2 passes instead of 8).
-    key_dtype = torch.int16 if v <= torch.iinfo(torch.int16).max else torch.int32
+    # Narrow keys: the radix sort makes one pass per key byte. A digit below 256 (both of a 2-core
+    # 50257-row table's) sorts in one pass; on an H100 uint8 keys took the backward from 0.195 to
+    # 0.175 ms against int16 (32768 ids, rank 16, D 1024).
+    key_dtype = torch.uint8 if v < 256 else torch.int16 if v <= torch.iinfo(torch.int16).max else torch.int32
     sorted_digit, order = torch.sort(digit.to(key_dtype), stable=True)
     seg = torch.searchsorted(sorted_digit, torch.arange(v + 1, device=digit.device, dtype=key_dtype))
-    # A few times the chunks that even segments need: skewed ids (text is Zipfian, so a few digits
-    # own most tokens) spread over more programs; see bench_htt.py's Zipf case. Every slot is
-    # written (zeros where a segment is short), so the split is also the partials' size.
+    # A few times the pieces that even segments need: skewed ids (text is Zipfian, so a few digits
+    # own most tokens) spread over more programs; see bench_htt.py's Zipf case.
     split = max(1, min(64, cfg.chunks_per_segment * triton.cdiv(n, v * cfg.min_chunk)))
-    partial = torch.empty(split, v, m, p, device=digit.device, dtype=torch.float32)
+    # Slots for every piece that has tokens (see `_segment_dot_kernel`); the reduce reads only
+    # those, so the buffer is never cleared. Before, every (segment, piece) wrote a slot, mostly
+    # zeros, and a torch sum read them all: 0.212 -> 0.195 ms on the H100 case above.
+    partial = torch.empty(n // cfg.min_chunk + v + 1, m, p, device=digit.device, dtype=torch.float32)
     _segment_dot_kernel[(v, split)](
         order,
         ids,
@@ -467,7 +503,12 @@ def _segment_dot(
         MIN_CHUNK=cfg.min_chunk,
         num_warps=cfg.num_warps,
     )
-    return partial.sum(0) if split > 1 else partial[0]
+    out = torch.empty(v, m, p, device=digit.device, dtype=torch.float32)
+    block = min(1024, _pow2(m * p))
+    _segment_reduce_kernel[(v, triton.cdiv(m * p, block))](
+        seg, partial, out, m * p, split, BT=cfg.block_t, MIN_CHUNK=cfg.min_chunk, BLOCK=block
+    )
+    return out
 
 
 def _tt2_backward_sorted(
@@ -636,7 +677,8 @@ def _prod(xs: list[int]) -> int:
 
 
 class TTEmbeddingTriton(torch.autograd.Function):
-    """`out = tt_lookup_forward(ids, cores)` with the atomic backward; ids get no gradient."""
+    """`out = tt_lookup_forward(ids, cores)`; its backward is `tt_lookup_backward` (sorted for K = 2, atomic
+    for K = 3). ids get no gradient."""
 
     @staticmethod
     def forward(ctx, ids: Tensor, config: TTLookupConfig | None, *cores: Tensor) -> Tensor:
