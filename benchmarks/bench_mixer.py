@@ -9,8 +9,10 @@ P = R = 64, bf16:
 3. bandwidth: `linear_recurrence` (fp32, 64K channels x T 8192) and `bk_resolvent` (B 16, T 8192, K 512)
    forward GB/s (inputs read once, outputs written once) against the copy bandwidth of this run.
 4. fla: the scan against flash-linear-attention's `chunk_linear_attn` at equal state size (K = V = 64),
-   T 2048 and 8192 first, then the other lengths. Last: a crash inside a competitor's kernel poisons
-   the CUDA context, so everything else is measured (and written) before it.
+   T 2048 and 8192 first, then the other lengths; the two are timed in alternation over
+   `Settings.fla_rounds` rounds and each cell is the median round. Last: a crash inside a
+   competitor's kernel poisons the CUDA context, so everything else is measured (and written)
+   before it.
 Derived numbers (ours/SDPA, ns per token and its change from the shortest T, ours/FLA) and the issue's
 targets with whether each is met are recomputed and the JSON rewritten after every cell, so a timeout
 or a crash keeps what was measured. An OOM in a cell is recorded there ("oom") and the run goes on.
@@ -69,6 +71,10 @@ class Settings:
     run_fla: bool = True
     fla_target_lengths: tuple[int, ...] = (2048, 8192)
     sdpa_target_length: int = 8192
+    # Ours and FLA are timed in alternation, this many rounds each (the cell is the median round): FLA's
+    # own time moved by up to 20% between runs on the H100, so back-to-back rounds keep a slow spell
+    # (clocks, a neighbour) from landing on one side only.
+    fla_rounds: int = 5
 
     def __post_init__(self):
         bad = [t for t in self.lengths if t > self.tokens or self.tokens % t]
@@ -77,6 +83,8 @@ class Settings:
         missing = [t for t in (*self.fla_target_lengths, self.sdpa_target_length) if t not in self.lengths]
         if missing:
             raise ValueError(f"target lengths {missing} are not among lengths={self.lengths}; add them")
+        if self.fla_rounds < 1:
+            raise ValueError(f"fla_rounds={self.fla_rounds} must be >= 1")
 
     def to_json(self) -> dict:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # as JSON reads back
@@ -129,6 +137,27 @@ def _cell(s: Settings, make_step: Callable[[], Callable[[], object]]) -> dict:
     if s.device == "cuda":
         torch.cuda.empty_cache()
     return {"oom": msg}
+
+
+def _paired_cells(s: Settings, makers: dict[str, Callable[[], Callable[[], object]]], rounds: int) -> dict:
+    """{name: cell} for competitors timed in alternation: each builds its step once, then every round
+    times each in turn. A cell is {"ms": median of its rounds, "rounds_ms": [...]}, or {"oom": message}
+    when building or running its step ran out of memory (the others go on)."""
+    steps, cells = {}, {}
+    for name, make in makers.items():
+        cells[name] = _cell(s, lambda name=name, make=make: steps.setdefault(name, make()))
+    rounds_ms = {name: [cells[name]["ms"]] for name in steps if "ms" in cells[name]}
+    for _ in range(rounds - 1):
+        for name in list(rounds_ms):
+            cell = _cell(s, lambda name=name: steps[name])
+            if "oom" in cell:
+                cells[name] = cell
+                del rounds_ms[name], steps[name]
+            else:
+                rounds_ms[name].append(cell["ms"])
+    for name, times in rounds_ms.items():
+        cells[name] = {"ms": statistics.median(times), "rounds_ms": times}
+    return cells
 
 
 # ---------------------------------------------------------------- competitors
@@ -278,8 +307,8 @@ def part_fla(s: Settings, res: dict, save: Callable[[], None]) -> None:
     order = [*s.fla_target_lengths, *(t for t in s.lengths if t not in s.fla_target_lengths)]
     for t in order:
         b = s.tokens // t
-        res["fla"][f"T{t}"] = {"B": b, "T": t, "ours": _cell(s, partial(_scan_step, s, b, t)),
-                               "fla": _cell(s, partial(_fla_step, s, fn, b, t))}
+        makers = {"ours": partial(_scan_step, s, b, t), "fla": partial(_fla_step, s, fn, b, t)}
+        res["fla"][f"T{t}"] = {"B": b, "T": t, **_paired_cells(s, makers, s.fla_rounds)}
         print("fla", res["fla"][f"T{t}"], flush=True)
         save()
 

@@ -114,3 +114,43 @@ def test_parts_run_in_their_fixed_order_and_unknown_parts_are_refused(bench, tmp
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--parts", "scan,attention", "--out", str(tmp_path / "x.json")])
     assert "unknown ['attention']" in capsys.readouterr().err
+
+
+def test_paired_cells_alternate_rounds_and_record_an_oom_without_stopping(bench):
+    """FLA and ours are timed in alternation: each step is built once and run in every round, in turn;
+    the cell is the median round. A step that runs out of memory in a later round gets an "oom" cell,
+    and the other competitor still finishes its rounds."""
+    s = bench.SMOKE
+    calls, built = [], []
+
+    def maker(name, fail_on=None):
+        def make():
+            built.append(name)
+            count = iter(range(1, 100))
+
+            def step():
+                n = next(count)
+                calls.append(name)
+                if fail_on is not None and n >= fail_on:
+                    raise torch.OutOfMemoryError(f"{name}: out of memory on call {n}")
+
+            return step
+
+        return make
+
+    cells = bench._paired_cells(s, {"a": maker("a"), "b": maker("b")}, rounds=3)
+    assert built == ["a", "b"]  # each step built once, then reused
+    assert set(cells) == {"a", "b"}
+    for cell in cells.values():
+        assert len(cell["rounds_ms"]) == 3 and cell["ms"] == sorted(cell["rounds_ms"])[1]
+    # rounds alternate: a's calls of round 1, b's, a's of round 2, ... (each timing calls its step 4 times)
+    runs = [calls[0]] + [c for prev, c in zip(calls, calls[1:]) if c != prev]
+    assert runs == ["a", "b", "a", "b", "a", "b"]
+    calls.clear()
+    # _cpu_ms calls a step 4 times per timing: b's 5th call (round 2) runs out of memory
+    cells = bench._paired_cells(s, {"a": maker("a"), "b": maker("b", fail_on=5)}, rounds=3)
+    assert "out of memory on call 5" in cells["b"]["oom"] and "rounds_ms" not in cells["b"]
+    assert len(cells["a"]["rounds_ms"]) == 3
+    with pytest.raises(ValueError, match="fla_rounds"):
+        bench.Settings(device="cpu", dtype=torch.float32, tokens=64, lengths=(16, 32), heads=2, head_dim=8, rank=8,
+                       fla_target_lengths=(16,), sdpa_target_length=32, fla_rounds=0)
