@@ -142,27 +142,41 @@ def test_sorted_backward_splits_a_frequent_digit_over_programs():
 
 
 @interp
-def test_sorted_backward_wide_digits_empty_digits_and_repeatable():
-    """A first digit of 300 values (16-bit sort keys; the second, 3 values, sorts on 8-bit keys), ids
-    that leave most digit values without a token (their gradient rows must be exactly zero), and two
-    runs that agree bit for bit (pieces are added in a fixed order)."""
+@pytest.mark.parametrize("case", ["wide_and_empty_digits", "one_digit_few_tokens"])
+def test_sorted_backward_wide_digits_empty_digits_and_unwritten_slots(case, monkeypatch):
+    """wide_and_empty_digits: a first digit of 300 values (16-bit sort keys; the second, 3 values, sorts
+    on 8-bit keys) and ids that leave most digit values without a token (their gradient rows must be
+    exactly zero). one_digit_few_tokens: a first core of one digit value and fewer tokens than a
+    piece's minimum. Every float buffer the backward allocates starts as NaN, so a slot the reduce
+    reads without the segment kernel having written it shows up."""
     from muse_lm.ops.tt_embedding.triton import SEGMENT_CONFIGS, tt_lookup_backward
 
-    cores = _cores((300, 3), (2, 3), (4,), seed=11)
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
     gen = torch.Generator().manual_seed(11)
-    # 70 tokens on digit 7 (several pieces), a few on 3 more first digits; 296 digits get none.
-    ids = torch.cat([torch.full((70,), 7 * 3 + 1), torch.tensor([0, 2, 150 * 3, 299 * 3 + 2])])
-    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    if case == "wide_and_empty_digits":
+        cores = _cores((300, 3), (2, 3), (4,), seed=11)
+        # 70 tokens on digit 7 (several pieces), a few on 3 more first digits; 296 digits get none.
+        ids = torch.cat([torch.full((70,), 7 * 3 + 1), torch.tensor([0, 2, 150 * 3, 299 * 3 + 2])])
+        ids = ids[torch.randperm(ids.numel(), generator=gen)]
+        touched = [0, 7, 150, 299]
+    else:
+        cores = _cores((1, 5), (3, 2), (2,), seed=12)
+        ids = torch.tensor([4, 0, 4])
+        touched = [0]
     ref = tt_embedding(ids, cores, impl="torch")
     grad = torch.randn(ref.shape, generator=gen)
     want = torch.autograd.grad(ref, cores, grad)
     plain = [c.detach() for c in cores]
+    monkeypatch.setattr(torch, "empty", nan_empty)
     for seg_cfg in SEGMENT_CONFIGS:
         got = tt_lookup_backward(ids, plain, grad, method="sorted", segment_config=seg_cfg)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=str(seg_cfg))
-        untouched = torch.ones(300, dtype=torch.bool)
-        untouched[[0, 7, 150, 299]] = False
+        untouched = torch.ones(cores[0].shape[0], dtype=torch.bool)
+        untouched[touched] = False
         assert torch.count_nonzero(got[0][untouched]) == 0
-        again = tt_lookup_backward(ids, plain, grad, method="sorted", segment_config=seg_cfg)
-        assert all(torch.equal(a, b) for a, b in zip(got, again))

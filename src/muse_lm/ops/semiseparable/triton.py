@@ -109,7 +109,8 @@ class SSDConfig:
 # of 18 configs on an H100 (benchmarks/sweep_ssd_configs.py, bf16, T 2048, P = R = 64) found nothing
 # better than the autotuner's pick for the forward and dx kernels; for `_chunk_duv_kernel`, (32, 4, 3)
 # was 4.6% faster before its d cum rework and is 4.6% slower since (0.565 vs 0.540 ms for (64, 4, 1)),
-# so it stays undeclared. 8 warps are 1.6-1.9x slower for that kernel at every BP.
+# so it stays undeclared. 8 warps are 1.6-1.9x slower for that kernel at every BP
+# (benchmarks/results/ssd_duv_variants_scratch.json).
 CONFIGS = (
     SSDConfig(16, 4, 1),
     SSDConfig(32, 4, 1),
