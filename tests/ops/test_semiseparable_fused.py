@@ -81,11 +81,19 @@ def check_against(out, ref, has_init):
     for key in (True, "two"):
         for name, one, two in zip(names, out[False], out[key]):
             assert one.shape == two.shape and rel(two, one) < SAME, (name, key)
+    # A gradient that is exactly zero in fp64 (d log_a at T = 1 with neither an initial state nor a
+    # final-state gradient: log_a_0 only scales the zero state before the sequence) has no scale of its
+    # own to be relative to, so it is held to the largest reference gradient's: the backward reads
+    # d log_a off dU and dV (<v, dV> - <u, dU>), whose diagonal terms cancel to fp32 rounding, not to 0.
+    scale = max(w.double().abs().max().item() for w in grads_ref)
     for fused in WALKS:
         y, final, _, *grads = out[fused]
         assert rel(y, y_ref) < TOL and rel(final, f_ref) < TOL, fused
         for name, got, want in zip(NAMES, grads[: 4 + has_init], grads_ref):
-            assert rel(got, want) < TOL, (name, fused)
+            if want.abs().max() == 0:
+                assert got.double().abs().max().item() < TOL * scale, (name, fused)
+            else:
+                assert rel(got, want) < TOL, (name, fused)
 
 
 def unfused_walk(a, b, log_a, init, n_seq, chunk, table, reverse):
