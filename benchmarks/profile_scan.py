@@ -6,16 +6,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from muse_lm.ops.semiseparable.triton import semiseparable_backward, semiseparable_forward
-from sweep_ssd_configs import CHUNK, TOKENS, mixer_inputs, result_header
+from sweep_ssd_configs import CHUNK, TOKENS, mixer_inputs, run_lengths
 
 REPS = 20
 
@@ -44,17 +42,14 @@ def kernel_times(t: int) -> dict:
     return dict(B=b, T=t, kernels_ms=per, total_ms=sum(per.values()))
 
 
+def _profile_row(t: int) -> dict:
+    row = kernel_times(t)
+    print(f"T{t}", json.dumps(row, indent=1), flush=True)
+    return row
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--t", default="2048,16384")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_scan.json")
-    args = ap.parse_args()
-    res = dict(result_header(), runs={})
-    for t in (int(v) for v in args.t.split(",")):
-        res["runs"][f"T{t}"] = kernel_times(t)
-        print(f"T{t}", json.dumps(res["runs"][f"T{t}"], indent=1), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    run_lengths(__doc__.splitlines()[0], "profile_scan.json", _profile_row)
 
 
 if __name__ == "__main__":

@@ -91,16 +91,22 @@ def sweep(t: int) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_lengths(description: str, default_name: str, measure) -> None:
+    """The mixer-shape scripts' main: `--t` lengths and `--out` path (default results/`default_name`);
+    result_header() plus runs["T<t>"] = measure(t), the JSON rewritten after every length."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--t", default="2048,16384")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ssd_sweep.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / default_name)
     args = ap.parse_args()
     res = dict(result_header(), runs={})
     for t in (int(v) for v in args.t.split(",")):
-        res["runs"][f"T{t}"] = sweep(t)
+        res["runs"][f"T{t}"] = measure(t)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    run_lengths(__doc__.splitlines()[0], "ssd_sweep.json", sweep)
 
 
 if __name__ == "__main__":
