@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|probe|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|probe|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -82,6 +82,13 @@ case "$PART" in
     step htt_tests 300 "${PYTEST[@]}" tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
     step htt_bench 280 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
     ;;
+  probe)
+    # The causal conv kernels (tests, then against the compiled shifted adds they replace), then where
+    # a compiled, graphed MuseLM step's GPU time goes, by kernel (T 1024, the model benchmark's shape).
+    step conv_tests 150 "${PYTEST[@]}" tests/gpu/test_causal_conv_gpu.py
+    step conv_bench 90 python3 benchmarks/bench_conv.py --out "$OUT/conv.json"
+    step profile 300 python3 benchmarks/profile_step.py --compile on --cuda-graph --top 90 --models muse --out "$OUT"
+    ;;
   model)
     step graphed_tests 200 "${PYTEST[@]}" tests/gpu/test_graphed_step_gpu.py \
       -k "matches_eager_steps or refuses_a_stepped or gives_the_pool_back"
@@ -107,5 +114,5 @@ case "$PART" in
     step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 110 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (walks, duv, scans, fixes, final, scan_tests, htt, model, profile, model_bench, dist, fit)"; exit 2 ;;
+  *) echo "unknown part $PART (walks, duv, scans, fixes, final, scan_tests, htt, probe, model, profile, model_bench, dist, fit)"; exit 2 ;;
 esac

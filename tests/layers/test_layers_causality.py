@@ -60,7 +60,7 @@ def test_ar_ssm_conv_equals_causal_depthwise_conv1d():
     x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
     past = torch.randn(2, 3, 24, dtype=torch.float64)
     for state in (None, ARSSMState(past, torch.zeros(2, 4, 8, 6, dtype=torch.float64))):
-        y, tail = layer._conv(x, state)
+        y, tail = layer._conv(x, state, need_tail=True)
         left = past if state is not None else torch.zeros_like(past)
         xp = torch.cat([left, x], 1)
         ref = torch.nn.functional.silu(torch.nn.functional.conv1d(

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muse_lm.layers.aligned import aligned_linear
 from muse_lm.layers.gates import GATE_MODES, rank_gate
 from muse_lm.layers.norms import RMSNorm
-from muse_lm.ops import semiseparable_scan, semiseparable_step
+from muse_lm.ops import causal_conv1d, semiseparable_scan, semiseparable_step
 
 _RECOMPUTE = threading.local()
 
@@ -40,16 +41,6 @@ def recomputing() -> Iterator[None]:
 
 def in_recompute() -> bool:
     return getattr(_RECOMPUTE, "active", False)
-
-
-def _aligned_linear(x: torch.Tensor, weight: torch.Tensor, multiple: int = 8) -> torch.Tensor:
-    """F.linear(x, weight) [..., N] computed with N padded up to a multiple of 8: an output row of
-    1580 bf16 values is not 16-byte aligned, and cuBLAS then runs slow align-2 kernels for all three
-    of the projection's GEMMs (6.4 of a 60 ms H100 step). The pad is a [pad, D] copy of zeros."""
-    pad = (-weight.shape[0]) % multiple
-    if pad == 0:
-        return F.linear(x, weight)
-    return F.linear(x, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
 
 
 @dataclass
@@ -169,29 +160,32 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         """Expected number of active rank components (running mean of the gates, summed)."""
         return self.gate_mean.sum()
 
-    def _conv(self, x: torch.Tensor, state: ARSSMState | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv: left context only (the cached inputs, or zeros)."""
+    def _conv(self, x: torch.Tensor, state: ARSSMState | None, need_tail: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """silu(causal depthwise conv(x)): left context only (the cached inputs, or zeros); and the
+        last conv_size - 1 inputs for the next call's cache when `need_tail`."""
         k = self.conv_size - 1
-        past = state.conv.to(x.dtype) if state is not None else x.new_zeros(x.shape[0], k, x.shape[2])
-        xp = torch.cat([past, x], dim=1)
-        # The depthwise conv as conv_size shifted multiply-adds in the [B, T, D] layout: the same
-        # cross-correlation as F.conv1d, without its two layout transposes, and one fused kernel
-        # (forward and backward) under torch.compile instead of cuDNN's three depthwise kernels.
-        T, w = x.shape[1], self.conv.weight.to(x.dtype)[:, 0]  # [D, conv_size]
-        y = self.conv.bias.to(x.dtype) + xp[:, :T] * w[:, 0]
-        for j in range(1, self.conv_size):
-            y = y + xp[:, j:j + T] * w[:, j]
-        return F.silu(y), xp[:, xp.shape[1] - k:]
+        past = state.conv.to(x.dtype) if state is not None else None
+        # One op (fused Triton kernels on CUDA, fp32 math on the fp32 parameters) instead of shifted
+        # multiply-adds, which compiled to five kernels per layer moving ~4x the bytes needed.
+        y = causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias, past=past, activation="silu")
+        if not need_tail:
+            return y, None
+        head = past if past is not None else x.new_zeros(x.shape[0], k, x.shape[2])
+        xp = torch.cat([head, x], dim=1)
+        return y, xp[:, xp.shape[1] - k:]
 
     def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
         """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state)."""
         B, T, _ = x.shape
         H, R, P = self.num_heads, self.rank, self.head_dim
-        xc, conv_tail = self._conv(x, state)
+        keep_state = return_state or state is not None
+        xc, conv_tail = self._conv(x, state, keep_state)
         # A plain Linear's GEMM runs with its output padded; anything else (an LNSLinear after
         # convert_to_lns, a wrapped layer) through its own forward.
-        proj = _aligned_linear(xc, self.in_proj.weight) if type(self.in_proj) is nn.Linear else self.in_proj(xc)
-        vals, u, v, dt, g = proj.split(self._splits, dim=-1)
+        proj = aligned_linear(xc, self.in_proj.weight) if type(self.in_proj) is nn.Linear else self.in_proj(xc)
+        splits = self._splits + (proj.shape[-1] - sum(self._splits),)  # the last piece: aligned_linear's pad
+        vals, u, v, dt, g, _ = proj.split(splits, dim=-1)
         gate_logits = g.float() + self.gate_bias
         gate = rank_gate(gate_logits, self.gate_mode, training=self.training,
                          temperature=self.gumbel_temperature, min_rank=self.min_rank).to(u.dtype)
@@ -216,7 +210,7 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         penalty = self._gate_penalty(gate_logits)
         if self.training:
             self._update_gate_stats(gate)
-        new_state = ARSSMState(conv_tail, ssm) if (return_state or state is not None) else None
+        new_state = ARSSMState(conv_tail, ssm) if keep_state else None
         return self.out_proj(y), penalty, new_state
 
     def _gate_penalty(self, gate_logits: torch.Tensor) -> torch.Tensor:

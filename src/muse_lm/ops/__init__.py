@@ -4,6 +4,7 @@ One folder per op: `reference.py` (pure torch, CPU-safe), `triton.py` (kernels, 
 exist), `__init__.py` (validate -> dispatch -> autograd).
 """
 
+from muse_lm.ops.causal_conv import causal_conv1d
 from muse_lm.ops.lns import from_lns, lns_matmul, to_lns
 from muse_lm.ops.log_matmul import log_matmul
 from muse_lm.ops.scan import bk_resolvent, linear_recurrence
@@ -13,6 +14,7 @@ from muse_lm.ops.tt_embedding import tt_embedding, tt_reconstruct
 
 __all__ = [
     "bk_resolvent",
+    "causal_conv1d",
     "from_lns",
     "linear_cross_entropy",
     "linear_recurrence",
