@@ -72,3 +72,7 @@ def test_ar_ssm_conv_equals_causal_depthwise_conv1d():
         want = torch.autograd.grad(ref, (x, layer.conv.weight, layer.conv.bias), g)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Fewer tokens than the cache holds: the tail mixes the old cache and the new tokens.
+    short = torch.randn(2, 2, 24, dtype=torch.float64)
+    _, tail = layer._conv(short, ARSSMState(past, torch.zeros(2, 4, 8, 6, dtype=torch.float64)), need_tail=True)
+    torch.testing.assert_close(tail, torch.cat([past, short], 1)[:, -3:], rtol=0, atol=0)

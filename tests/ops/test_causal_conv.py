@@ -183,3 +183,21 @@ def test_public_op_and_compile_through_the_custom_op():
     for compiled in (False, True):
         for g, r in zip(run("triton", compiled), want):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@interp
+def test_no_tokens_give_zero_gradients():
+    """T = 0 with a past: nothing reads the past, so its gradient is zeros (not an unwritten buffer)."""
+    from muse_lm.ops.causal_conv.triton import causal_conv1d_backward
+
+    x, w, b, past, _ = problem(2, 1, 5, 4, with_past=True, with_bias=True, dtype=torch.float32)
+    x = x[:, :0]
+    real_empty = torch.empty_like
+    try:
+        torch.empty_like = lambda t, **kw: real_empty(t, **kw).fill_(NAN)  # noqa: E731
+        dx, dw, db, dpast = causal_conv1d_backward(x, w, b, past, x.clone(), True)
+    finally:
+        torch.empty_like = real_empty
+    assert dx.shape == x.shape
+    for g in (dw, db, dpast):
+        assert torch.equal(g, torch.zeros_like(g))

@@ -171,8 +171,9 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         y = causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias, past=past, activation="silu")
         if not need_tail:
             return y, None
+        # Only the last k inputs matter: a prefill of T tokens copies k rows, not the whole sequence.
         head = past if past is not None else x.new_zeros(x.shape[0], k, x.shape[2])
-        xp = torch.cat([head, x], dim=1)
+        xp = torch.cat([head, x[:, max(x.shape[1] - k, 0):]], dim=1)
         return y, xp[:, xp.shape[1] - k:]
 
     def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
@@ -200,8 +201,7 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
             y = y.unsqueeze(1)
         else:
             y, ssm = semiseparable_scan(vals, u, v, log_a, initial_state=prev,
-                                        output_final_state=return_state or state is not None
-                                        or self.track_state_norm,
+                                        output_final_state=keep_state or self.track_state_norm,
                                         chunk_size=self.chunk_size)
         if self.track_state_norm:
             self.last_state_rms = ssm.detach().float().pow(2).mean().sqrt()

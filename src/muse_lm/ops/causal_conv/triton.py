@@ -284,8 +284,8 @@ def causal_conv1d_backward(
             g, weight, dx, dpast if has_past else dx, T, D, HAS_PAST=has_past, K=K, BT=cfg.block_t,
             BD=cfg.block_d, num_warps=cfg.num_warps
         )
-    if dpast is not None and not has_past:
-        dpast.zero_()  # K == 1: no past row is ever read
+    if dpast is not None and (not has_past or x.numel() == 0):
+        dpast.zero_()  # K == 1 (no past row is ever read) or no token (none reads it): no gradient
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db, dpast
