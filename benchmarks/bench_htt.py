@@ -4,10 +4,11 @@
 V 50257, D 1024, 32768 tokens, bf16, TT rank 16, 2 cores: the fused Triton kernel vs the torch
 reference (gather + bmm) vs nn.Embedding, measured in the same run (`do_bench` medians).
 Writes benchmarks/results/htt.json (or --out) with the GPU name, versions and git commit.
-Each case is timed eagerly and as one replayed CUDA graph of fwd+bwd: the TT backward is ~30
-small kernels (sorts, segment sums), so eagerly a slow host can hide the GPU time.
+Each case is timed eagerly and as one replayed CUDA graph of fwd+bwd: the TT lookup is five
+short kernels (forward, counting sort, segment sums), so eagerly the host's launch time can hide
+the GPU time.
 
-    PYTHONPATH=src python benchmarks/bench_htt.py [--out PATH] [--sweep] [--profile]
+    PYTHONPATH=src python benchmarks/bench_htt.py [--out PATH] [--sweep [--segment-grid]] [--profile]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _graphed(step):
     """`step` captured in a CUDA graph (after warm-up on a side stream); returns its replay.
 
     The TT path has no host sync, so its whole fwd+bwd captures; replays show GPU time without the
-    eager launch overhead of its ~30 small kernels (the same is done for every competitor).
+    eager launch overhead of its short kernels (the same is done for every competitor).
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -123,10 +124,11 @@ def main() -> None:
             "fwd_ms": _median(lambda: tt_triton.tt_lookup_forward(zipf, cores)),
             "bwd_ms": _median(lambda: tt_triton.tt_lookup_backward(zipf, cores, grad)),
         }
-        grid = [tt_triton.SegmentDotConfig(bt, mc, cps, w) for bt in (8, 16, 32) for mc in (16, 64)
-                for cps in (1, 4) for w in (4, 8)] if args.segment_grid else []
+        grid = [tt_triton.SegmentDotConfig(bt, mc, cps, 4, st) for bt in (4, 8, 16) for mc in (16, 32, 64)
+                for cps in (2, 4) for st in (2, 3)] if args.segment_grid else []
         for seg in (*tt_triton.SEGMENT_CONFIGS, *grid):
-            key = f"sorted_bt{seg.block_t}_mc{seg.min_chunk}_cps{seg.chunks_per_segment}_w{seg.num_warps}"
+            key = (f"sorted_bt{seg.block_t}_mc{seg.min_chunk}_cps{seg.chunks_per_segment}_w{seg.num_warps}"
+                   f"_st{seg.num_stages}")
             results[key] = {
                 name: _median(_graphed(partial(tt_triton.tt_lookup_backward, i, cores, grad, segment_config=seg)))
                 for name, i in (("bwd_graph_ms", ids), ("zipf_bwd_graph_ms", zipf))

@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|probe|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|probe|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -81,6 +81,13 @@ case "$PART" in
     # Tests first: the lookup's compact-slot backward has run tests 1-15 of test_tt_embedding_gpu.py only.
     step htt_tests 300 "${PYTEST[@]}" tests/gpu/test_tt_embedding_gpu.py tests/gpu/test_tt_head_chunked_gpu.py
     step htt_bench 280 python3 benchmarks/bench_htt.py --out "$OUT/htt.json"
+    ;;
+  lookup)
+    # The TT lookup's counting-sort backward: its GPU tests, then the lookup benchmark with the launch-shape
+    # sweep (uniform and Zipf ids) and a kernel profile of one fwd+bwd.
+    step lookup_tests 300 "${PYTEST[@]}" tests/gpu/test_tt_embedding_gpu.py
+    step lookup_bench 240 python3 benchmarks/bench_htt.py --parts lookup --sweep --segment-grid --profile \
+      --out "$OUT/htt_lookup.json"
     ;;
   probe)
     # The causal conv kernels (tests, then against the compiled shifted adds they replace), then where

@@ -78,3 +78,24 @@ def test_default_dispatch_on_cuda_is_triton_and_trains(K):
     ref_grads = torch.autograd.grad(ref.square().sum(), cores)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("v1, v2, n, dist", [(225, 224, 32768, "uniform"), (225, 224, 1_000_003, "zipf"),
+                                             (4096, 3, 77_777, "uniform"), (1, 2, 5, "uniform")])
+def test_digit_sort_equals_torch_stable_sort(v1, v2, n, dist):
+    """The counting sort at the benchmark's size, on a million Zipf-distributed ids (64 long blocks,
+    a few digits holding most ids) and at the widest digit it takes, against torch.sort."""
+    from muse_lm.ops.tt_embedding.digit_sort import sort_by_digits
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    if dist == "zipf":
+        weights = 1.0 / torch.arange(1, v1 * v2 + 1, device="cuda", dtype=torch.float32)
+        ids = torch.multinomial(weights, n, replacement=True, generator=gen)
+    else:
+        ids = torch.randint(0, v1 * v2, (n,), device="cuda", generator=gen)
+    order, starts = sort_by_digits(ids, v1, v2)
+    for core, (digit, v) in enumerate(((ids // v2, v1), (ids % v2, v2))):
+        ranked = torch.sort(digit, stable=True)
+        assert torch.equal(order[core].long(), ranked.indices), core
+        want = torch.searchsorted(ranked.values, torch.arange(v + 1, device="cuda"))
+        assert torch.equal(starts[core, : v + 1].long(), want), core

@@ -144,8 +144,8 @@ def test_sorted_backward_splits_a_frequent_digit_over_programs():
 @interp
 @pytest.mark.parametrize("case", ["wide_and_empty_digits", "one_digit_few_tokens"])
 def test_sorted_backward_wide_digits_empty_digits_and_unwritten_slots(case, monkeypatch):
-    """wide_and_empty_digits: a first digit of 300 values (16-bit sort keys; the second, 3 values, sorts
-    on 8-bit keys) and ids that leave most digit values without a token (their gradient rows must be
+    """wide_and_empty_digits: a first digit of 300 values (512 histogram bins; the second has 3
+    values) and ids that leave most digit values without a token (their gradient rows must be
     exactly zero). one_digit_few_tokens: a first core of one digit value and fewer tokens than a
     piece's minimum. Every float buffer the backward allocates starts as NaN, so a slot the reduce
     reads without the segment kernel having written it shows up."""
@@ -180,3 +180,40 @@ def test_sorted_backward_wide_digits_empty_digits_and_unwritten_slots(case, monk
         untouched = torch.ones(cores[0].shape[0], dtype=torch.bool)
         untouched[touched] = False
         assert torch.count_nonzero(got[0][untouched]) == 0
+
+
+@interp
+@pytest.mark.parametrize("v1, v2, n", [(225, 224, 2503), (31, 17, 4133), (5, 3, 1), (600, 7, 999), (1, 9, 40)])
+def test_digit_sort_is_a_stable_sort_by_each_digit(v1, v2, n, monkeypatch):
+    """The counting sort against torch's stable sort. Blocks from 64 ids (the GPU's 1024 would make
+    the interpreter sort for minutes): 2503 ids span 40 blocks of 64 with a ragged last one, 4133
+    ids 33 of 128 (64 blocks at most); 600 values take 1024 histogram bins; a one-value digit puts
+    every id in one group."""
+    from muse_lm.ops.tt_embedding import digit_sort
+
+    monkeypatch.setattr(digit_sort, "_MIN_BLOCK", 64)
+
+    ids = torch.randint(0, v1 * v2, (n,), generator=torch.Generator().manual_seed(n))
+    order, starts = digit_sort.sort_by_digits(ids, v1, v2)
+    assert order.shape == (2, n) and starts.shape == (2, max(v1, v2) + 1)
+    for core, (digit, v) in enumerate(((ids // v2, v1), (ids % v2, v2))):
+        ranked = torch.sort(digit, stable=True)
+        assert torch.equal(order[core].long(), ranked.indices), f"core {core}"
+        assert torch.equal(starts[core, : v + 1].long(), torch.searchsorted(ranked.values, torch.arange(v + 1)))
+
+
+@interp
+def test_wide_digits_take_the_atomic_backward_and_sorted_is_refused():
+    from muse_lm.ops.tt_embedding.digit_sort import MAX_DIGITS
+    from muse_lm.ops.tt_embedding.triton import tt_lookup_backward
+
+    cores = _cores((MAX_DIGITS + 1, 2), (1, 2), (2,), seed=4)
+    ids = torch.tensor([0, 2 * MAX_DIGITS + 1, 5, 5])
+    ref = tt_embedding(ids, cores, impl="torch")
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, cores, grad)
+    plain = [c.detach() for c in cores]
+    for g, w in zip(tt_lookup_backward(ids, plain, grad), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="method='atomic'"):
+        tt_lookup_backward(ids, plain, grad, method="sorted")

@@ -76,6 +76,22 @@ def test_chunks_cover_the_vocab_in_whole_tiles_and_never_the_whole_table():
     assert chunk_bounds(50257, 1024, 256, 1 << 22) == [(s, min(s + 4096, 50257)) for s in range(0, 50257, 4096)]
 
 
+def test_backward_chunks_are_whole_last_core_blocks():
+    from muse_lm.ops.tt_cross_entropy.triton_tt_chunked import backward_chunk_bounds
+
+    for vocab, width, v_last, elements in [(50257, 1024, 224, 6 << 20), (83, 12, 10, 32 * 12), (40, 8, 64, 64),
+                                           (300, 8, 7, 8)]:
+        chunks = backward_chunk_bounds(vocab, width, v_last, elements)
+        assert chunks[0][0] == 0 and chunks[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(start % v_last == 0 for start, _ in chunks)
+        if vocab > v_last:
+            assert len(chunks) >= 2, (vocab, chunks)
+    # 6144 rows fit the budget: 27 blocks of 224 (6048 rows); a block wider than the budget is one chunk.
+    assert backward_chunk_bounds(50257, 1024, 224, 6 << 20)[:2] == [(0, 6048), (6048, 12096)]
+    assert backward_chunk_bounds(300, 8, 7, 8)[:2] == [(0, 7), (7, 14)]
+
+
 @interp
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_two_cores_several_chunks_each_reduction(reduction):

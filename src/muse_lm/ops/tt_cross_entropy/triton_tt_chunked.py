@@ -10,18 +10,19 @@ cut-cross-entropy on the dense head. Here a chunk of rows E[a:b] is rebuilt from
 the dense head's FLOPs, all on tensor cores at the dense kernels' speed (the dense head alone runs
 at 0.8x cut-cross-entropy at N 16384, V 50257, D 1024; this one at 0.85-0.98x, see the chunk
 sizes). The backward takes each chunk's weight gradient dE[a:b] (fp32, from the same kernel launch
-that adds into dh) back onto the cores by autograd through the rebuild.
+that adds into dh) back onto the cores: two GEMMs for the last core's contraction, autograd for
+the (small) prefix of the other cores.
 
 Forward: per chunk, `lce_forward` gives (lse, target logit) over the chunk's columns; the chunks'
 log-sum-exps combine with logaddexp (an online log-sum-exp over chunks); targets are shifted by the
 chunk's first row, so one that lies elsewhere never matches a column.
 
-Memory: one chunk at a time: E[a:b] in the compute dtype, and in the backward its fp32 rebuild and
-fp32 dE[a:b] (rows x D x 4 bytes each, rows <= `*_CHUNK_ELEMENTS` / D and never more than half the
-vocab once it exceeds one tile): no N x V or V x D tensor at any N. Beyond that only dh's fp32
-accumulators (N x D x 4), as in the dense head, and a few N-vectors. No host sync. Float atomics
-make dh and the core gradients vary between runs in the last bits (`triton_tt.py` has the
-deterministic variant).
+Memory: one chunk at a time: E[a:b] in the compute dtype, and in the backward fp32 dE[a:b] and one
+regrouped copy of it (rows x D x 4 bytes each, rows <= `*_CHUNK_ELEMENTS` / D and never more than
+half the vocab once it exceeds one tile or last-core block): no N x V or V x D tensor at any N.
+Beyond that only dh's fp32 accumulators (N x D x 4), as in the dense head, and a few N-vectors.
+No host sync. Float atomics make dh and the core gradients vary between runs in the last bits
+(`triton_tt.py` has the deterministic variant).
 """
 
 from __future__ import annotations
@@ -44,22 +45,21 @@ from muse_lm.ops.tt_cross_entropy.triton_dense import (
     launch_backward,
     lce_forward_partials,
 )
-from muse_lm.ops.tt_embedding.reference import tt_reconstruct_ref
+from muse_lm.ops.tt_embedding.reference import partial_rows, tt_reconstruct_ref
 
 # Table elements per rebuilt chunk. The forward holds one chunk in the compute dtype; the backward
-# holds its fp32 rebuild, fp32 dE and the compute-dtype copy, so it takes smaller chunks. Measured on
-# an H100 (N 16384, V 50257, D 1024, bf16, bench_htt.py --parts head, one run): chunks of 2**21 /
-# 2**23 elements in both passes took 27.6 / 26.1 ms fwd+bwd with 105 / 217 MiB peak (cut-cross-
-# entropy on the dense head: 30.5 ms, 131 MiB); these defaults measured 30.0 ms (timed first in that
-# run; an earlier run of 2**22 in both took 26.8 ms) with 105 MiB. The backward's 2**21 is what keeps
-# the peak below cut-cross-entropy's.
+# holds a chunk's fp32 dE and one regrouped copy of it (`_chunk_core_grads`), so it takes smaller
+# chunks. On an H100 (N 16384, V 50257, D 1024, bf16, bench_htt.py --parts head): with the old
+# autograd-through-the-rebuild backward, 2**23-element chunks in both passes took 26.2 ms fwd+bwd
+# with 217 MiB peak and 2**21-element backward chunks 27.6-34.1 ms (host-bound: 25 chunks) with
+# 107 MiB (cut-cross-entropy: 30.6 ms, 131 MiB). 6 * 2**20 keeps the modelled peak near 115 MiB:
+# the dh accumulators (64 MiB, the 16-bit dh among them) + 2 x 4 bytes x 6.1M.
 FORWARD_CHUNK_ELEMENTS = 1 << 23
-BACKWARD_CHUNK_ELEMENTS = 1 << 21
-CHUNK_ELEMENTS = BACKWARD_CHUNK_ELEMENTS  # what `chunk_bounds` assumes by default
+BACKWARD_CHUNK_ELEMENTS = 6 << 20
 
 
 def chunk_bounds(vocab_size: int, width: int, block_v: int,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+                 chunk_elements: int = FORWARD_CHUNK_ELEMENTS) -> list[tuple[int, int]]:
     """[start, stop) vocab row ranges rebuilt one at a time: multiples of `block_v` rows (whole
     kernel tiles), at most `chunk_elements` / width rows, and at most half the vocab (rounded up to
     a tile) when the vocab spans more than one tile, so the whole table never exists at once."""
@@ -67,6 +67,40 @@ def chunk_bounds(vocab_size: int, width: int, block_v: int,
     if vocab_size > block_v:
         rows = min(rows, math.ceil(vocab_size / 2 / block_v) * block_v)
     return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+
+
+def backward_chunk_bounds(vocab_size: int, width: int, v_last: int,
+                          chunk_elements: int = BACKWARD_CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """[start, stop) vocab row ranges of the backward: whole blocks of the last core's v_last rows (so
+    each chunk's core gradients are two GEMMs, `_chunk_core_grads`), at most `chunk_elements` / width
+    rows unless one block is more, and at most half the vocab (rounded up to a block) when the vocab
+    spans more than one block, so the whole table never exists at once. Any row count: the kernel
+    masks a chunk's partial last tile."""
+    rows = max(v_last, chunk_elements // max(width, 1) // v_last * v_last)
+    if vocab_size > v_last:
+        rows = min(rows, math.ceil(vocab_size / 2 / v_last) * v_last)
+    return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+
+
+def _chunk_core_grads(masters: Sequence[Tensor], start: int, stop: int, d_rows: Tensor) -> list[Tensor]:
+    """fp32 gradients of the cores (`masters`, fp32 leaves) from dL/dE[start:stop] `[rows, D]` fp32, for
+    whole blocks of the last core (start and stop multiples of its v rows).
+
+    E[(m, v), (p, c)] = sum_r prefix[m, p, r] last[v, r, c] (prefix: rows of cores 1..K-1), so both
+    gradients of the last contraction are one GEMM each on one regrouped copy of dE; the prefix's
+    gradient goes back through autograd (its tensors are v_last times smaller than the chunk).
+    """
+    last = masters[-1]
+    v, r, d_last, _ = last.shape
+    m = (stop - start) // v
+    with torch.enable_grad(), torch.autocast(d_rows.device.type, enabled=False):
+        prefix = partial_rows(masters[:-1], start // v, stop // v)  # [m, P, r]
+    p = prefix.shape[1]
+    regrouped = d_rows.view(m, v, p, d_last).transpose(1, 2).reshape(m * p, v * d_last)
+    last_flat = last.detach()[..., 0].transpose(0, 1).reshape(r, v * d_last)  # [r, (v, c)]
+    d_prefix = (regrouped @ last_flat.T).view(m, p, r)
+    d_last = (prefix.detach().reshape(m * p, r).T @ regrouped).view(r, v, d_last, 1).transpose(0, 1)
+    return [*torch.autograd.grad(prefix, masters[:-1], d_prefix), d_last]
 
 
 def _rebuild(cores: Sequence[Tensor], start: int, stop: int, dtype: torch.dtype) -> Tensor:
@@ -103,9 +137,11 @@ def tt_chunked_backward(
 ) -> tuple[Tensor | None, list[Tensor] | None]:
     """(dL/dh in h's dtype, [dL/dcore_k in core k's dtype]); None where not needed.
 
-    token_grad `[N]` fp32 is dL/dloss_i (0 for ignored tokens). Per chunk: one kernel launch adds
-    into the shared fp32 dh accumulators and fills the chunk's fp32 dE; autograd through an fp32
-    rebuild of the chunk maps dE onto fp32 core gradients (summed over chunks, cast at the end).
+    token_grad `[N]` fp32 is dL/dloss_i (0 for ignored tokens). Per chunk (`backward_chunk_bounds`):
+    the rows rebuilt in the compute dtype as the forward did, one kernel launch that adds into the
+    shared fp32 dh accumulators and fills the chunk's fp32 dE, then two GEMMs that map dE onto fp32
+    core gradients (`_chunk_core_grads`; summed over chunks, cast at the end). A chunk's buffers:
+    its 16-bit rows and fp32 dE, then dE and one regrouped copy (2 x 4 bytes a table element).
     """
     n, d = h.shape
     cfg = _resolve_config(config, h, _dot_f32(h, h))
@@ -117,21 +153,20 @@ def tt_chunked_backward(
         return (torch.zeros_like(h) if need_h else None), ([torch.zeros_like(c) for c in cores] if need_cores else None)
     masters = [c.detach().float().requires_grad_() for c in cores] if need_cores else None
     grads = [torch.zeros_like(m) for m in masters] if need_cores else None
-    low = None if need_cores else [c.to(h.dtype) for c in cores]  # cast once, not per chunk
-    for start, stop in chunk_bounds(vocab_size, d, cfg.block_v, chunk_elements or BACKWARD_CHUNK_ELEMENTS):
-        if need_cores:
-            with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
-                rows32 = tt_reconstruct_ref(masters, start, stop)
-            rows = rows32.detach().to(h.dtype).contiguous()
-            d_rows = torch.zeros(stop - start, d, device=h.device, dtype=torch.float32)
-        else:
-            rows, d_rows = _rebuild(low, start, stop, h.dtype), coef  # d_rows unused
+    low = [c.to(h.dtype) for c in cores]  # cast once, not per chunk
+    v_last, table_rows = cores[-1].shape[0], math.prod(c.shape[0] for c in cores)
+    for start, stop in backward_chunk_bounds(vocab_size, d, v_last, chunk_elements or BACKWARD_CHUNK_ELEMENTS):
+        # Whole last-core blocks: the last chunk runs on into the table's padding rows (dE 0 there).
+        end = min(math.ceil(stop / v_last) * v_last, table_rows) if need_cores else stop
+        rows = _rebuild(low, start, end, h.dtype)
+        d_rows = torch.zeros(end - start, d, device=h.device, dtype=torch.float32) if need_cores else coef
         launch_backward(h, rows, targets - start, lse, coef, token_grad, dh, d_rows, (0, stop - start), cfg,
                         need_h=need_h, need_w=need_cores)
+        del rows  # before the gradient GEMMs' buffers
         if need_cores:
-            for total, part in zip(grads, torch.autograd.grad(rows32, masters, d_rows)):
+            for total, part in zip(grads, _chunk_core_grads(masters, start, end, d_rows)):
                 total += part
-        del rows, d_rows  # before the next chunk's buffers
+        del d_rows  # before the next chunk's buffers
     dh_out = _finish_dh(*dh[:2], n, d, h.dtype) if need_h else None
     return dh_out, ([g.to(c.dtype) for g, c in zip(grads, cores)] if need_cores else None)
 

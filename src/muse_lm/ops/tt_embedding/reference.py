@@ -57,7 +57,7 @@ def tt_embedding_ref(ids: Tensor, cores: Sequence[Tensor]) -> Tensor:
     return acc.reshape(*ids.shape, width)
 
 
-def _partial_rows(cores: Sequence[Tensor], start: int, stop: int) -> Tensor:
+def partial_rows(cores: Sequence[Tensor], start: int, stop: int) -> Tensor:
     """Rows [start, stop) of the train cores[0..k]: `[stop - start, d_1..d_k, r_k]`.
 
     Contiguous rows share their leading digits, so instead of gathering per row we take the
@@ -70,7 +70,7 @@ def _partial_rows(cores: Sequence[Tensor], start: int, stop: int) -> Tensor:
     last = cores[-1]
     v_last, r_in, d_last, r_out = last.shape
     p_start, p_stop = start // v_last, (stop - 1) // v_last + 1
-    prefix = _partial_rows(cores[:-1], p_start, p_stop)  # [m, P, r_{k-1}]
+    prefix = partial_rows(cores[:-1], p_start, p_stop)  # [m, P, r_{k-1}]
     m, p_width, _ = prefix.shape
     # [m, P, r] x [r, v * d * r'] -> [m, P, v, d, r'] -> rows (prefix, v) x cols (P, d)
     full = (prefix.reshape(m * p_width, r_in) @ last.permute(1, 0, 2, 3).reshape(r_in, -1)).reshape(
@@ -95,4 +95,4 @@ def tt_reconstruct_ref(cores: Sequence[Tensor], start: int = 0, stop: int | None
         width *= c.shape[2]
     if stop <= start:
         return cores[0].new_zeros(0, width)
-    return _partial_rows(cores, start, stop).reshape(stop - start, width)
+    return partial_rows(cores, start, stop).reshape(stop - start, width)

@@ -4,10 +4,11 @@ Forward: each program takes BLOCK_N tokens, splits their ids into digits, gather
 (the cores are tiny and stay in L1/L2) and contracts them in fp32 (K = 2: one batched tl.dot;
 K = 3: rank-1 updates in registers), writing only the `[N, D]` rows.
 
-Backward, K = 2 ("sorted", the default): for each core, the tokens are stably sorted by that
-core's digit on the device, and one program per (digit value, piece) sums the tokens' slice
-gradients with tl.dot into fp32 registers; a second kernel adds each digit's pieces in a fixed
-order, so the result is deterministic and uses no atomics. Backward, K = 3 ("atomic"): each program reads
+Backward, K = 2 ("sorted", the default): the tokens are stably sorted by each core's digit on the
+device (a counting sort, `digit_sort.py`), then one launch has a program per (core, digit value,
+piece) sum the tokens' slice gradients with tl.dot into fp32 registers, and another adds each
+digit's pieces in a fixed order, so the result is deterministic and uses no atomics: four launches
+in all. Backward, K = 3 ("atomic"): each program reads
 `grad_out` once per token and adds the core-slice gradients into fp32 buffers with atomics;
 float atomics add in whatever order the programs arrive, so those gradients can differ between
 runs in the last bits. Nothing of size V x D is formed and nothing waits on the host.
@@ -26,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from muse_lm.ops._dispatch import interpreter_enabled
+from muse_lm.ops.tt_embedding.digit_sort import MAX_DIGITS, sort_by_digits
 
 
 @dataclass(frozen=True)
@@ -329,21 +331,22 @@ def _segment_chunk(seg_ptr, seg, SPLIT, BT: tl.constexpr, MIN_CHUNK: tl.constexp
 
 
 @triton.jit
-def _segment_dot_kernel(
+def _segment_piece(
     order_ptr,
     ids_ptr,
     seg_ptr,
     x_ptr,
     y_ptr,
     out_ptr,
-    V,
+    seg,
+    part,
+    SPLIT,
     V2,
     ROW,
     SLICE,
     M,
     K,
     P,
-    SPLIT,
     xs_m: tl.constexpr,
     xs_k: tl.constexpr,
     ys_k: tl.constexpr,
@@ -356,17 +359,16 @@ def _segment_dot_kernel(
     IEEE: tl.constexpr,
     INTERPRET: tl.constexpr,
     MIN_CHUNK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Slot `lo // MIN_CHUNK + seg` of out = sum over the tokens of piece `part` of segment `seg`
-    (sorted positions [lo, hi)) of X_t @ Y_t (`[M, P]` fp32); a program with no tokens writes nothing.
+    (sorted positions [lo, hi)) of X_t @ Y_t (`[M, P]` fp32); a piece with no tokens writes nothing.
 
-    Tokens come in digit order (`order_ptr`, segment offsets `seg_ptr`: V + 1 of them); CORE picks
-    which core's gradient this is (see `_segment_dot_block`). The slot is unique: pieces of one
-    segment start at least MIN_CHUNK apart, and a later segment's pieces start no earlier, so
-    `n // MIN_CHUNK + V` slots hold every piece (instead of SPLIT per segment, mostly zeros).
+    Tokens come in digit order (`order_ptr`, segment starts `seg_ptr`); CORE picks which core's
+    gradient this is (see `_segment_dot_block`). The slot is unique: pieces of one segment start at
+    least MIN_CHUNK apart, and a later segment's pieces start no earlier, so `n // MIN_CHUNK + v + 1`
+    slots hold every piece (instead of SPLIT per segment, mostly zeros).
     """
-    seg = tl.program_id(0)
-    part = tl.program_id(1)
     start, end, chunk = _segment_chunk(seg_ptr, seg, SPLIT, BT, MIN_CHUNK)
     lo = start + part * chunk
     hi = tl.minimum(lo + chunk, end)
@@ -382,7 +384,7 @@ def _segment_dot_kernel(
                 acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
                 pos += BT
         else:
-            for pos in tl.range(lo, hi, BT, num_stages=2):
+            for pos in tl.range(lo, hi, BT, num_stages=STAGES):
                 acc = _segment_dot_block(acc, pos, hi, *args, xs_m, xs_k, ys_k, ys_p, CORE, BT, BM, BK, BP, IEEE)
         slot = lo // MIN_CHUNK + seg
         offs = (slot * M).to(tl.int64) * P + m[:, None] * P + p[None, :]
@@ -390,14 +392,52 @@ def _segment_dot_kernel(
 
 
 @triton.jit
-def _segment_reduce_kernel(
-    seg_ptr, part_ptr, out_ptr, MP, SPLIT, BT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK: tl.constexpr
+def _segment_dot_kernel(
+    order_ptr,
+    ids_ptr,
+    seg_ptr,
+    dout_ptr,
+    g1_ptr,
+    g2_ptr,
+    part_ptr,
+    N,
+    V1,
+    V2,
+    STARTS,
+    SLOTS,
+    SPLIT1,
+    SPLIT2,
+    D1: tl.constexpr,
+    D2: tl.constexpr,
+    R: tl.constexpr,
+    BD1: tl.constexpr,
+    BD2: tl.constexpr,
+    BR: tl.constexpr,
+    BT: tl.constexpr,
+    IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """out[seg, cols] = the sum of segment seg's pieces (`_segment_dot_kernel`'s slots), added in
-    piece order, so the result does not depend on which program finished first; zeros for a digit
-    no token has."""
-    seg = tl.program_id(0)
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    """Both cores' piece sums in one launch: programs [0, V1) are the first core's digits, the rest
+    the second's (`sort_by_digits` rows 0 and 1; each core's slots are a region of `part_ptr`)."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
+    if pid < V1:  # dG1[i1] viewed [a, r] = sum_t g_t viewed [a, c] @ G2[i2_t] viewed [c, r]
+        _segment_piece(order_ptr, ids_ptr, seg_ptr, dout_ptr, g2_ptr, part_ptr, pid, part, SPLIT1, V2, D1 * D2,
+                       R * D2, D1, D2, R, D2, 1, 1, D2, 0, BT, BD1, BD2, BR, IEEE, INTERPRET, MIN_CHUNK, STAGES)
+    else:  # dG2[i2] viewed [r, c] = sum_t G1[i1_t] viewed [r, a] @ g_t viewed [a, c]
+        _segment_piece(order_ptr + N, ids_ptr, seg_ptr + STARTS, g1_ptr, dout_ptr, part_ptr + SLOTS * D1 * R,
+                       pid - V1, part, SPLIT2, V2, D1 * D2, D1 * R, R, D1, D2, 1, R, D2, 1, 1, BT, BR, BD1, BD2,
+                       IEEE, INTERPRET, MIN_CHUNK, STAGES)
+
+
+@triton.jit
+def _segment_sum(seg_ptr, part_ptr, out_ptr, seg, cols, MP, SPLIT, BT: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """out[seg, cols] = the sum of segment seg's pieces (`_segment_piece`'s slots) in piece order, so
+    the result does not depend on which program finished first; zeros for a digit no token has."""
+    col = cols * BLOCK + tl.arange(0, BLOCK)
     ok = col < MP
     start, end, chunk = _segment_chunk(seg_ptr, seg, SPLIT, BT, MIN_CHUNK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -406,7 +446,19 @@ def _segment_reduce_kernel(
         slot = lo // MIN_CHUNK + seg
         acc += tl.load(part_ptr + slot.to(tl.int64) * MP + col, mask=ok, other=0.0)
         lo += chunk
-    tl.store(out_ptr + seg.to(tl.int64) * MP + col, acc, mask=ok)
+    tl.store(out_ptr + seg.to(tl.int64) * MP + col, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _segment_reduce_kernel(seg_ptr, part_ptr, dg1_ptr, dg2_ptr, V1, STARTS, SLOTS, MP1, MP2, SPLIT1, SPLIT2,
+                           BT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Both cores' gradients, written in their dtype: programs [0, V1) the first core's digits."""
+    pid = tl.program_id(0)
+    if pid < V1:
+        _segment_sum(seg_ptr, part_ptr, dg1_ptr, pid, tl.program_id(1), MP1, SPLIT1, BT, MIN_CHUNK, BLOCK)
+    else:
+        _segment_sum(seg_ptr + STARTS, part_ptr + SLOTS * MP1, dg2_ptr, pid - V1, tl.program_id(1), MP2, SPLIT2,
+                     BT, MIN_CHUNK, BLOCK)
 
 
 @dataclass(frozen=True)
@@ -414,114 +466,72 @@ class SegmentDotConfig:
     """The sorted backward's launch shape.
 
     block_t: tokens per tl.dot (contraction block_t * K); min_chunk: fewest tokens a program takes;
-    chunks_per_segment: programs per digit value relative to an even share of `min_chunk` tokens.
+    chunks_per_segment: programs per digit value relative to an even share of `min_chunk` tokens;
+    num_stages: token blocks in flight in a program's loop.
     """
 
     block_t: int
     min_chunk: int
     chunks_per_segment: int
     num_warps: int
+    num_stages: int = 2
 
     def __post_init__(self):
         for name in ("block_t", "min_chunk"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"SegmentDotConfig: {name}={value} must be a power of two")
-        if self.chunks_per_segment < 1 or self.num_warps not in (1, 2, 4, 8):
-            raise ValueError("SegmentDotConfig: chunks_per_segment >= 1 and num_warps in 1, 2, 4, 8")
+        if self.chunks_per_segment < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
+            raise ValueError("SegmentDotConfig: chunks_per_segment >= 1, num_warps in 1, 2, 4, 8, num_stages >= 1")
 
 
-# The default: on an H100 (32768 ids, V 50257, D 1024, rank 16) the three declared shapes took
-# the same ~0.21 ms on uniform ids, and this one half the time of the others on Zipf-distributed
-# ids (0.42 vs 0.73-0.80 ms), as text has: more pieces per frequent digit (benchmarks/bench_htt.py,
-# measured before the compact slots and 8-bit keys).
+# The default: on an H100 (32768 ids, V 50257, D 1024, rank 16, bf16; bench_htt.py --sweep
+# --segment-grid, graphed backward) it took 0.103 ms on uniform ids (the grid's best: 0.100) and
+# 0.258 ms on Zipf-distributed ids as text has (the grid's best, 0.246, is 0.116 on uniform ids;
+# the other declared shapes: 0.55 and 0.50): many short pieces per frequent digit keep it balanced.
 SEGMENT_CONFIG = SegmentDotConfig(4, 16, 4, 4)
 # Every declared shape is checked against the reference (interpreter and GPU tests).
 SEGMENT_CONFIGS = (SEGMENT_CONFIG, SegmentDotConfig(8, 32, 2, 4), SegmentDotConfig(16, 32, 2, 4))
 
 
-def _segment_dot(
-    core: int,
-    digit: Tensor,
-    v: int,
-    ids: Tensor,
-    x: Tensor,
-    y: Tensor,
-    v2: int,
-    row: int,
-    slice_size: int,
-    mkp: tuple[int, int, int],
-    xs: tuple[int, int],
-    ys: tuple[int, int],
-    cfg: SegmentDotConfig | None = None,
-) -> Tensor:
-    """Sum of X_t @ Y_t over the tokens of each digit value: `[v, M, P]` fp32, deterministic.
-
-    Tokens are stably sorted by digit (on the device: no host sync); each segment is cut into at
-    most SPLIT pieces whose partial sums go to their own slots, added in a fixed order at the end.
-    """
-    cfg = cfg or SEGMENT_CONFIG
-    m, k, p = mkp
-    n = digit.shape[0]
-    # Narrow keys: the radix sort makes one pass per key byte. A digit below 256 (both of a 2-core
-    # 50257-row table's) sorts in one pass; on an H100 uint8 keys took the backward from 0.195 to
-    # 0.175 ms against int16 (32768 ids, rank 16, D 1024).
-    key_dtype = torch.uint8 if v < 256 else torch.int16 if v <= torch.iinfo(torch.int16).max else torch.int32
-    sorted_digit, order = torch.sort(digit.to(key_dtype), stable=True)
-    seg = torch.searchsorted(sorted_digit, torch.arange(v + 1, device=digit.device, dtype=key_dtype))
-    # A few times the pieces that even segments need: skewed ids (text is Zipfian, so a few digits
-    # own most tokens) spread over more programs; see bench_htt.py's Zipf case.
-    split = max(1, min(64, cfg.chunks_per_segment * triton.cdiv(n, v * cfg.min_chunk)))
-    # Slots for every piece that has tokens (see `_segment_dot_kernel`); the reduce reads only
-    # those, so the buffer is never cleared. Before, every (segment, piece) wrote a slot, mostly
-    # zeros, and a torch sum read them all: 0.212 -> 0.195 ms on the H100 case above.
-    partial = torch.empty(n // cfg.min_chunk + v + 1, m, p, device=digit.device, dtype=torch.float32)
-    _segment_dot_kernel[(v, split)](
-        order,
-        ids,
-        seg,
-        x,
-        y,
-        partial,
-        v,
-        v2,
-        row,
-        slice_size,
-        m,
-        k,
-        p,
-        split,
-        *xs,
-        *ys,
-        CORE=core,
-        BT=cfg.block_t,
-        BM=max(16, _pow2(m)),
-        BK=max(16, _pow2(k)),
-        BP=max(16, _pow2(p)),
-        IEEE=x.dtype == torch.float32,
-        INTERPRET=interpreter_enabled(),
-        MIN_CHUNK=cfg.min_chunk,
-        num_warps=cfg.num_warps,
-    )
-    out = torch.empty(v, m, p, device=digit.device, dtype=torch.float32)
-    block = min(1024, _pow2(m * p))
-    _segment_reduce_kernel[(v, triton.cdiv(m * p, block))](
-        seg, partial, out, m * p, split, BT=cfg.block_t, MIN_CHUNK=cfg.min_chunk, BLOCK=block
-    )
-    return out
+def _split(n: int, v: int, cfg: SegmentDotConfig) -> int:
+    """Pieces per digit: a few times what even segments need, so skewed ids (text is Zipfian: a few
+    digits own most tokens) spread over more programs; see bench_htt.py's Zipf case."""
+    return max(1, min(64, cfg.chunks_per_segment * triton.cdiv(n, v * cfg.min_chunk)))
 
 
 def _tt2_backward_sorted(
     ids: Tensor, cores: list[Tensor], grad_out: Tensor, cfg: SegmentDotConfig | None = None
 ) -> list[Tensor]:
-    """K = 2 core gradients without atomics: dG1[i] = sum_t g_t G2[i2_t]^T, dG2[j] = sum_t G1[i1_t]^T g_t."""
+    """K = 2 core gradients without atomics, in the cores' dtype, deterministic:
+    dG1[i] = sum_t g_t G2[i2_t]^T, dG2[j] = sum_t G1[i1_t]^T g_t (fp32 accumulation).
+
+    Four launches: the counting sort of the ids by both digits (`digit_sort.py`), one kernel for both
+    cores' piece sums (each digit's tokens cut into at most SPLIT pieces, each into its own slot),
+    one that adds each digit's pieces in a fixed order into the gradient.
+    """
+    cfg = cfg or SEGMENT_CONFIG
     (v1, _, d1, r), (v2, _, d2, _) = cores[0].shape, cores[1].shape
-    row = d1 * d2
-    # g_t viewed [a, c] @ G2[i2_t] viewed [c, r] -> [a, r] = dG1[i1_t, 0]
-    dg1 = _segment_dot(0, ids // v2, v1, ids, grad_out, cores[1], v2, row, r * d2, (d1, d2, r), (d2, 1), (1, d2), cfg)
-    # G1[i1_t] viewed [r, a] @ g_t viewed [a, c] -> [r, c] = dG2[i2_t, :, :, 0]
-    dg2 = _segment_dot(1, ids % v2, v2, ids, cores[0], grad_out, v2, row, d1 * r, (r, d1, d2), (1, r), (d2, 1), cfg)
-    return [dg1.reshape(cores[0].shape), dg2.reshape(cores[1].shape)]
+    n = ids.shape[0]
+    order, starts = sort_by_digits(ids, v1, v2)
+    split1, split2 = _split(n, v1, cfg), _split(n, v2, cfg)
+    # Slots for every piece that has tokens (see `_segment_piece`); the reduce reads only those, so
+    # the buffer is never cleared.
+    slots = n // cfg.min_chunk + max(v1, v2) + 1
+    partial = torch.empty(slots * (d1 * r + r * d2), device=ids.device, dtype=torch.float32)
+    bd1, bd2, br = (max(16, _pow2(x)) for x in (d1, d2, r))
+    _segment_dot_kernel[(v1 + v2, max(split1, split2))](
+        order, ids, starts, grad_out, cores[0], cores[1], partial, n, v1, v2, starts.shape[1], slots, split1, split2,
+        D1=d1, D2=d2, R=r, BD1=bd1, BD2=bd2, BR=br, BT=cfg.block_t, IEEE=cores[0].dtype == torch.float32,
+        INTERPRET=interpreter_enabled(), MIN_CHUNK=cfg.min_chunk, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )
+    dg1, dg2 = torch.empty_like(cores[0]), torch.empty_like(cores[1])
+    block = min(1024, _pow2(max(d1, d2) * r))
+    _segment_reduce_kernel[(v1 + v2, triton.cdiv(max(d1, d2) * r, block))](
+        starts, partial, dg1, dg2, v1, starts.shape[1], slots, d1 * r, r * d2, split1, split2,
+        BT=cfg.block_t, MIN_CHUNK=cfg.min_chunk, BLOCK=block,
+    )
+    return [dg1, dg2]
 
 
 def _pow2(x: int) -> int:
@@ -609,21 +619,24 @@ def tt_lookup_backward(
 ) -> list[Tensor]:
     """Core gradients of `sum(grad_out * tt_lookup_forward(ids, cores))`, in the cores' dtype.
 
-    method: "sorted" (K = 2 default): tokens sorted by each digit, per-segment tl.dot sums with
-    fp32 accumulation, deterministic and atomic-free; "atomic" (K = 3 default, K = 2 allowed):
-    fp32 atomics per token, order-dependent in the last bits (see the module docstring).
+    method: "sorted" (the K = 2 default while each digit has at most `MAX_DIGITS` values, i.e. any
+    table below 16.7M rows): tokens sorted by each digit, per-segment tl.dot sums with fp32
+    accumulation, deterministic and atomic-free; "atomic" (K = 3, and wider K = 2 digits): fp32
+    atomics per token, order-dependent in the last bits (see the module docstring).
     """
     cores = [c.contiguous() for c in cores]
     ids = ids.contiguous()  # the kernels index ids densely
     grad_out = grad_out.contiguous()
     v, d, r = _dims(cores)
     n = ids.shape[0]
-    method = method or ("sorted" if len(cores) == 2 else "atomic")
+    method = method or ("sorted" if len(cores) == 2 and max(v) <= MAX_DIGITS else "atomic")
     if method not in ("sorted", "atomic") or (method == "sorted" and len(cores) != 2):
         raise ValueError(f"tt_lookup_backward: method={method!r}; use 'atomic', or 'sorted' (K = 2 only)")
     if method == "sorted" and n > 0:  # `config` shapes only the forward and the atomic backward
-        grads = _tt2_backward_sorted(ids, cores, grad_out.to(cores[0].dtype), segment_config)
-        return [gr.to(c.dtype) for gr, c in zip(grads, cores)]
+        if len({c.dtype for c in cores}) != 1:
+            raise ValueError("tt_lookup_backward: the sorted backward needs both cores in one dtype, got "
+                             f"{cores[0].dtype} and {cores[1].dtype}; cast them first")
+        return _tt2_backward_sorted(ids, cores, grad_out.to(cores[0].dtype), segment_config)
     grads = [torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in cores]
     if n > 0:
         cfg = config or default_config(_row_tile(cores))
