@@ -147,15 +147,19 @@ def test_sorted_backward_wide_digits_empty_digits_and_unwritten_slots(case, monk
     """wide_and_empty_digits: a first digit of 300 values (512 histogram bins; the second has 3
     values) and ids that leave most digit values without a token (their gradient rows must be
     exactly zero). one_digit_few_tokens: a first core of one digit value and fewer tokens than a
-    piece's minimum. Every float buffer the backward allocates starts as NaN, so a slot the reduce
-    reads without the segment kernel having written it shows up."""
+    piece's minimum. Every float buffer the backward allocates (torch.empty, torch.empty_like) starts as
+    NaN, so a slot the reduce reads without the segment kernel having written it, or a gradient row
+    it never writes, shows up."""
     from muse_lm.ops.tt_embedding.triton import SEGMENT_CONFIGS, tt_lookup_backward
 
-    real_empty = torch.empty
+    real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def nan_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+
+        return alloc
 
     gen = torch.Generator().manual_seed(11)
     if case == "wide_and_empty_digits":
@@ -172,7 +176,8 @@ def test_sorted_backward_wide_digits_empty_digits_and_unwritten_slots(case, monk
     grad = torch.randn(ref.shape, generator=gen)
     want = torch.autograd.grad(ref, cores, grad)
     plain = [c.detach() for c in cores]
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
     for seg_cfg in SEGMENT_CONFIGS:
         got = tt_lookup_backward(ids, plain, grad, method="sorted", segment_config=seg_cfg)
         for g, w in zip(got, want):
@@ -203,6 +208,18 @@ def test_digit_sort_is_a_stable_sort_by_each_digit(v1, v2, n, monkeypatch):
 
 
 @interp
+def test_digit_sort_of_no_ids_and_of_a_strided_view():
+    from muse_lm.ops.tt_embedding.digit_sort import sort_by_digits
+
+    order, starts = sort_by_digits(torch.zeros(0, dtype=torch.long), 5, 3)
+    assert order.shape == (2, 0) and torch.count_nonzero(starts) == 0
+    ids = torch.randint(0, 15, (40, 2), generator=torch.Generator().manual_seed(2))[:, 1]  # stride 2
+    order, _ = sort_by_digits(ids, 5, 3)
+    assert torch.equal(order[0].long(), torch.sort(ids // 3, stable=True).indices)
+    assert torch.equal(order[1].long(), torch.sort(ids % 3, stable=True).indices)
+
+
+@interp
 def test_wide_digits_take_the_atomic_backward_and_sorted_is_refused():
     from muse_lm.ops.tt_embedding.digit_sort import MAX_DIGITS
     from muse_lm.ops.tt_embedding.triton import tt_lookup_backward
@@ -217,3 +234,15 @@ def test_wide_digits_take_the_atomic_backward_and_sorted_is_refused():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="method='atomic'"):
         tt_lookup_backward(ids, plain, grad, method="sorted")
+
+
+def test_sorted_backward_slots_stay_within_int32_offsets():
+    """The sorted backward addresses its slot buffer with int32 products: past ~2**31 / (d1 r + r d2) * 16 ids
+    the default becomes the atomic backward and asking for "sorted" is an error (checked on shapes only)."""
+    from muse_lm.ops.tt_embedding.triton import _slots_fit, tt_lookup_backward
+
+    cores = [torch.empty(225, 1, 32, 16, device="meta"), torch.empty(224, 16, 32, 1, device="meta")]
+    assert _slots_fit(1 << 24, cores) and not _slots_fit(1 << 26, cores)
+    ids = torch.empty(1 << 26, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="int32 slot offsets"):
+        tt_lookup_backward(ids, cores, torch.empty(1 << 26, 1024, device="meta"), method="sorted")

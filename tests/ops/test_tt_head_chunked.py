@@ -3,6 +3,8 @@ an fp64 naive definition, through Triton's interpreter, fp32: K = 2 and 3 cores,
 padding rows, ignored tokens, z-loss, each reduction, every dense config. Run in a TRITON_INTERPRET=1
 child process (`test_interpreter_suite`), like the other kernel tests."""
 
+import math
+
 import pytest
 import torch
 from test_tt_head_triton import IGNORE, _naive_fp64  # the fp64 definition, shared with the fused head's tests
@@ -87,9 +89,32 @@ def test_backward_chunks_are_whole_last_core_blocks():
         assert all(start % v_last == 0 for start, _ in chunks)
         if vocab > v_last:
             assert len(chunks) >= 2, (vocab, chunks)
+        rows = max(stop - start for start, stop in chunks)
+        assert rows <= v_last or rows * width <= elements, (vocab, chunks)  # the budget, unless one block exceeds it
+        assert vocab <= v_last or rows <= math.ceil(vocab / 2 / v_last) * v_last  # at most half the vocab, in blocks
     # 6144 rows fit the budget: 27 blocks of 224 (6048 rows); a block wider than the budget is one chunk.
     assert backward_chunk_bounds(50257, 1024, 224, 6 << 20)[:2] == [(0, 6048), (6048, 12096)]
     assert backward_chunk_bounds(300, 8, 7, 8)[:2] == [(0, 7), (7, 14)]
+
+
+def test_chunk_core_grads_stay_fp32_under_autocast():
+    """The two GEMMs of a chunk's core gradients against fp64 autograd through the rebuild, inside a
+    bf16 autocast region (a backward run under autocast must not round them to bf16)."""
+    from muse_lm.ops.tt_cross_entropy.triton_tt_chunked import _chunk_core_grads
+    from muse_lm.ops.tt_embedding.reference import tt_reconstruct_ref
+
+    for factors, widths in (((9, 10), (3, 4)), ((3, 5, 4), (2, 3, 2))):
+        cores = _cores(factors, widths, 3, seed=4)
+        start, stop = factors[-1], 3 * factors[-1]
+        d_rows = torch.randn(stop - start, torch.Size(widths).numel(), generator=torch.Generator().manual_seed(4))
+        exact = [c.detach().double().requires_grad_() for c in cores]
+        want = torch.autograd.grad(tt_reconstruct_ref(exact, start, stop), exact, d_rows.double())
+        masters = [c.detach().float().requires_grad_() for c in cores]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _chunk_core_grads(masters, start, stop, d_rows)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float32 and g.shape == w.shape
+            assert _rel(g, w) <= 1e-6, _rel(g, w)
 
 
 @interp

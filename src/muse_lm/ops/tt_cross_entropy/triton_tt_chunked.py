@@ -93,14 +93,14 @@ def _chunk_core_grads(masters: Sequence[Tensor], start: int, stop: int, d_rows: 
     last = masters[-1]
     v, r, d_last, _ = last.shape
     m = (stop - start) // v
-    with torch.enable_grad(), torch.autocast(d_rows.device.type, enabled=False):
+    with torch.enable_grad(), torch.autocast(d_rows.device.type, enabled=False):  # fp32 GEMMs under autocast too
         prefix = partial_rows(masters[:-1], start // v, stop // v)  # [m, P, r]
-    p = prefix.shape[1]
-    regrouped = d_rows.view(m, v, p, d_last).transpose(1, 2).reshape(m * p, v * d_last)
-    last_flat = last.detach()[..., 0].transpose(0, 1).reshape(r, v * d_last)  # [r, (v, c)]
-    d_prefix = (regrouped @ last_flat.T).view(m, p, r)
-    d_last = (prefix.detach().reshape(m * p, r).T @ regrouped).view(r, v, d_last, 1).transpose(0, 1)
-    return [*torch.autograd.grad(prefix, masters[:-1], d_prefix), d_last]
+        p = prefix.shape[1]
+        regrouped = d_rows.view(m, v, p, d_last).transpose(1, 2).reshape(m * p, v * d_last)
+        last_flat = last.detach()[..., 0].transpose(0, 1).reshape(r, v * d_last)  # [r, (v, c)]
+        d_prefix = (regrouped @ last_flat.T).view(m, p, r)
+        d_last = (prefix.detach().reshape(m * p, r).T @ regrouped).view(r, v, d_last, 1).transpose(0, 1)
+        return [*torch.autograd.grad(prefix, masters[:-1], d_prefix), d_last]
 
 
 def _rebuild(cores: Sequence[Tensor], start: int, stop: int, dtype: torch.dtype) -> Tensor:

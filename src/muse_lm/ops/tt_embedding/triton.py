@@ -494,6 +494,19 @@ SEGMENT_CONFIG = SegmentDotConfig(4, 16, 4, 4)
 SEGMENT_CONFIGS = (SEGMENT_CONFIG, SegmentDotConfig(8, 32, 2, 4), SegmentDotConfig(16, 32, 2, 4))
 
 
+def _slot_count(n: int, v: int, cfg: SegmentDotConfig) -> int:
+    """Slots of one core's piece sums: every piece that can have tokens (see `_segment_piece`)."""
+    return n // cfg.min_chunk + v + 1
+
+
+def _slots_fit(n: int, cores: list[Tensor]) -> bool:
+    """Whether the sorted backward's slot buffer is addressed in int32 (the kernels offset into it with
+    int32 products): false only past ~2**31 / (d1 r + r d2) * 16 ids (33M at D 1024, rank 16)."""
+    (v1, _, d1, r), (v2, _, d2, _) = cores[0].shape, cores[1].shape
+    smallest = min(c.min_chunk for c in SEGMENT_CONFIGS)
+    return _slot_count(n, max(v1, v2), SegmentDotConfig(1, smallest, 1, 1)) * (d1 * r + r * d2) < 2**31
+
+
 def _split(n: int, v: int, cfg: SegmentDotConfig) -> int:
     """Pieces per digit: a few times what even segments need, so skewed ids (text is Zipfian: a few
     digits own most tokens) spread over more programs; see bench_htt.py's Zipf case."""
@@ -517,7 +530,7 @@ def _tt2_backward_sorted(
     split1, split2 = _split(n, v1, cfg), _split(n, v2, cfg)
     # Slots for every piece that has tokens (see `_segment_piece`); the reduce reads only those, so
     # the buffer is never cleared.
-    slots = n // cfg.min_chunk + max(v1, v2) + 1
+    slots = _slot_count(n, max(v1, v2), cfg)
     partial = torch.empty(slots * (d1 * r + r * d2), device=ids.device, dtype=torch.float32)
     bd1, bd2, br = (max(16, _pow2(x)) for x in (d1, d2, r))
     _segment_dot_kernel[(v1 + v2, max(split1, split2))](
@@ -620,8 +633,9 @@ def tt_lookup_backward(
     """Core gradients of `sum(grad_out * tt_lookup_forward(ids, cores))`, in the cores' dtype.
 
     method: "sorted" (the K = 2 default while each digit has at most `MAX_DIGITS` values, i.e. any
-    table below 16.7M rows): tokens sorted by each digit, per-segment tl.dot sums with fp32
-    accumulation, deterministic and atomic-free; "atomic" (K = 3, and wider K = 2 digits): fp32
+    table below 16.7M rows, and the piece slots fit int32 offsets, i.e. below ~33M ids at D 1024,
+    rank 16; `_slots_fit`): tokens sorted by each digit, per-segment tl.dot sums with fp32
+    accumulation, deterministic and atomic-free; "atomic" (K = 3, and K = 2 past those limits): fp32
     atomics per token, order-dependent in the last bits (see the module docstring).
     """
     cores = [c.contiguous() for c in cores]
@@ -629,9 +643,12 @@ def tt_lookup_backward(
     grad_out = grad_out.contiguous()
     v, d, r = _dims(cores)
     n = ids.shape[0]
-    method = method or ("sorted" if len(cores) == 2 and max(v) <= MAX_DIGITS else "atomic")
+    method = method or ("sorted" if len(cores) == 2 and max(v) <= MAX_DIGITS and _slots_fit(n, cores) else "atomic")
     if method not in ("sorted", "atomic") or (method == "sorted" and len(cores) != 2):
         raise ValueError(f"tt_lookup_backward: method={method!r}; use 'atomic', or 'sorted' (K = 2 only)")
+    if method == "sorted" and not _slots_fit(n, cores):
+        raise ValueError(f"tt_lookup_backward: {n} ids overflow the sorted backward's int32 slot offsets for "
+                         f"cores {[tuple(c.shape) for c in cores]}; split the ids or use method='atomic'")
     if method == "sorted" and n > 0:  # `config` shapes only the forward and the atomic backward
         if len({c.dtype for c in cores}) != 1:
             raise ValueError("tt_lookup_backward: the sorted backward needs both cores in one dtype, got "
