@@ -124,6 +124,33 @@ def test_fullgraph_compile_through_the_custom_ops():
 
 
 @interp
+def test_compiled_scan_does_not_recompile_across_the_walk_policy_thresholds(monkeypatch):
+    """The walk's shape policies (one or two levels) are the kernels' business: the fake implementation
+    must not guard on them, or a compiled model recompiles whenever T crosses a threshold (on an H100,
+    MuseLM recompiled for ~2 minutes at T 4096 and again at 16384). The two-level threshold is lowered
+    so small T cross it; B and the widths stay apart from T (no duck-sized equalities)."""
+    from muse_lm.ops.semiseparable import fused_states
+    from muse_lm.ops.semiseparable.custom_ops import semiseparable_custom
+
+    monkeypatch.setattr(fused_states, "FUSED_TWO_LEVEL_MIN_CHUNKS", 4)
+    torch._dynamo.reset()
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+
+    fn = torch.compile(lambda x, u, v, la: semiseparable_custom(x, u, v, la, None, 16)[0].sum(), backend=backend,
+                       dynamic=True)
+    g = torch.Generator().manual_seed(3)
+    for b, t in ((3, 33), (2, 100), (5, 161)):  # 3, 7 and 11 chunks of 16: across the lowered threshold
+        x = torch.randn(b, t, 2, 7, generator=g)
+        u, v = torch.randn(2, b, t, 2, 5, generator=g)
+        fn(x, u, v, -torch.rand(b, t, 2, generator=g))
+    assert len(compiles) == 1, f"{len(compiles)} compiles"
+
+
+@interp
 def test_compiled_ar_ssm_block_has_no_graph_break_on_the_kernel_path(monkeypatch):
     """The block as it runs on CUDA (the kernels' dispatch forced on these CPU tensors; the CUDA-only
     Im z check replaced by its traceable device assert)."""

@@ -70,6 +70,7 @@ __all__ = [
     "resolve_walk",
     "smem_estimate",
     "use_compact_states",
+    "resolve_fused",
     "use_fused_two_levels",
 ]
 
@@ -201,13 +202,19 @@ def resolve_compact_states(compact_states: bool | None, fused: bool) -> bool:
     return bool(compact_states)
 
 
+def resolve_fused(fused_states: bool | None) -> bool:
+    """Whether the chunk states come from the fused walk: None asks `FUSED_STATES_BY_DEFAULT` (on:
+    measured faster on an H100 at every shape). It never depends on the shape, so the custom op's fake
+    implementation can ask it without guarding on sizes (which made compiled models recompile)."""
+    return FUSED_STATES_BY_DEFAULT if fused_states is None else bool(fused_states)
+
+
 def resolve_walk(fused_states: bool | None, two_levels: bool | None, rows: int, n_chunks: int,
                  state_size: int) -> tuple[bool, bool]:
-    """(fused, two levels) for the walk over chunk states. None asks the policies: `FUSED_STATES_BY_DEFAULT`
-    (on: measured faster on an H100 at every shape), then `use_fused_two_levels` for the fused walk or
-    `state_pass.use_two_levels` for the unfused one. Every combination exists: both walks have a
-    one-level and a two-level form."""
-    fused = FUSED_STATES_BY_DEFAULT if fused_states is None else bool(fused_states)
+    """(fused, two levels) for the walk over chunk states. None asks the policies: `resolve_fused`, then
+    `use_fused_two_levels` for the fused walk or `state_pass.use_two_levels` for the unfused one. Every
+    combination exists: both walks have a one-level and a two-level form."""
+    fused = resolve_fused(fused_states)
     if two_levels is None:
         policy = use_fused_two_levels if fused else use_two_levels
         return fused, policy(rows, n_chunks, state_size)

@@ -477,13 +477,17 @@ def _walk_plan(fused_states: bool | None, two_levels: bool | None, shape: tuple)
     return resolve_walk(fused_states, two_levels, b * h, nc, r * p)
 
 
-def saved_state_dtype(x_dtype: torch.dtype, shape: tuple, fused_states: bool | None = None,
-                      two_levels: bool | None = None, compact_states: bool | None = None) -> torch.dtype:
-    """The dtype of the entering states the forward saves for the backward, for inputs of `x_dtype` and
-    shape = (B, T, H, P, R, NC) (`_layout`): bf16 for bf16 inputs when the fused walk runs
-    with compact states (None: `fused_states.use_compact_states`), else fp32. The custom op's fake
-    implementation asks the same question, so compiled graphs see the dtype the kernels write."""
-    return _state_dtype(x_dtype, _walk_plan(fused_states, two_levels, shape)[0], compact_states)
+def saved_state_dtype(x_dtype: torch.dtype, fused_states: bool | None = None,
+                      compact_states: bool | None = None) -> torch.dtype:
+    """The dtype of the entering states the forward saves for the backward, for inputs of `x_dtype`:
+    bf16 for bf16 inputs when the fused walk runs (`fused_states.resolve_fused`) with compact states
+    (None: `fused_states.use_compact_states`), else fp32. The custom op's fake implementation asks the
+    same question, so compiled graphs see the dtype the kernels write. It does not depend on the
+    shape: asking the shape-dependent walk policies there put guards on T into compiled graphs, and
+    crossing a policy threshold recompiled the model."""
+    from muse_lm.ops.semiseparable.fused_states import resolve_fused
+
+    return _state_dtype(x_dtype, resolve_fused(fused_states), compact_states)
 
 
 def _state_dtype(x_dtype: torch.dtype, fused: bool, compact_states: bool | None) -> torch.dtype:
