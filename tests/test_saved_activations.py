@@ -1,0 +1,38 @@
+"""benchmarks/saved_activations.py on the CPU (its own TRITON_INTERPRET=1 process): the tiny preset's
+compiled block, per-token costs from two lengths, the JSON it writes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_block_compiled(tmp_path):
+    out = tmp_path / "saved.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "saved_activations.py"), "--preset", "tiny",
+                           "--seq-len", "32", "--compiled", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["compiled"] and res["d_model"] == 128 and res["fixed_bytes"] > 0
+    rows = {(tuple(shape), dtype): per_token for shape, dtype, _, per_token in res["activations"]}
+    assert abs(sum(rows.values()) - res["per_token"]) < 1e-6
+    # The SwiGLU's w13 output (2 x ffn_hidden 384) is saved: 32 tokens, bf16, 1536 bytes a token.
+    assert rows[((32, 768), "bfloat16")] == 1536, sorted(rows)
+    assert "activations:" in proc.stdout
+
+
+def test_refuses_to_run_without_the_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "saved_activations.py")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
