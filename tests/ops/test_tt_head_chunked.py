@@ -79,11 +79,11 @@ def test_chunks_cover_the_vocab_in_whole_tiles_and_never_the_whole_table():
 
 
 def test_backward_chunks_are_whole_last_core_blocks():
-    from muse_lm.ops.tt_cross_entropy.triton_tt_chunked import backward_chunk_bounds
+    from muse_lm.ops.tt_cross_entropy.triton_tt_chunked import BACKWARD_CHUNK_ELEMENTS, chunk_bounds
 
     for vocab, width, v_last, elements in [(50257, 1024, 224, 6 << 20), (83, 12, 10, 32 * 12), (40, 8, 64, 64),
                                            (300, 8, 7, 8)]:
-        chunks = backward_chunk_bounds(vocab, width, v_last, elements)
+        chunks = chunk_bounds(vocab, width, v_last, elements)
         assert chunks[0][0] == 0 and chunks[-1][1] == vocab
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         assert all(start % v_last == 0 for start, _ in chunks)
@@ -93,8 +93,8 @@ def test_backward_chunks_are_whole_last_core_blocks():
         assert rows <= v_last or rows * width <= elements, (vocab, chunks)  # the budget, unless one block exceeds it
         assert vocab <= v_last or rows <= math.ceil(vocab / 2 / v_last) * v_last  # at most half the vocab, in blocks
     # 6144 rows fit the budget: 27 blocks of 224 (6048 rows); a block wider than the budget is one chunk.
-    assert backward_chunk_bounds(50257, 1024, 224, 6 << 20)[:2] == [(0, 6048), (6048, 12096)]
-    assert backward_chunk_bounds(300, 8, 7, 8)[:2] == [(0, 7), (7, 14)]
+    assert chunk_bounds(50257, 1024, 224, BACKWARD_CHUNK_ELEMENTS)[:2] == [(0, 6048), (6048, 12096)]
+    assert chunk_bounds(300, 8, 7, 8)[:2] == [(0, 7), (7, 14)]
 
 
 def test_chunk_core_grads_stay_fp32_under_autocast():

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_tiles, check_warps
+
 
 @dataclass(frozen=True)
 class ConvConfig:
@@ -35,12 +37,8 @@ class ConvConfig:
     num_warps: int
 
     def __post_init__(self):
-        for name in ("block_t", "block_d"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"ConvConfig: {name}={value} must be a power of two")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"ConvConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        check_tiles(self, "block_t", "block_d")
+        check_warps(self)
 
 
 CONV_CONFIG = ConvConfig(32, 128, 4)

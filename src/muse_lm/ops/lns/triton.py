@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_tiles, check_warps
 from muse_lm.ops._dispatch import interpreter_enabled
 from muse_lm.ops.lns.format import LOG_ZERO
 from muse_lm.ops.lns.reference import gauss_table
@@ -44,12 +45,8 @@ class TileConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"TileConfig: {name}={value} must be a power of two")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"TileConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        check_tiles(self, "block_m", "block_n", "block_k")
+        check_warps(self)
 
     def smem_bytes(self) -> int:
         """Shared memory of the max_log / datapath kernel at this tile: the layout conversion of the

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_at_least_one, check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
@@ -94,14 +95,9 @@ class LogMatmulConfig:
     num_stages: int
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"LogMatmulConfig: {name}={value} must be a power of two >= 16 (tl.dot tiles)")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"LogMatmulConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
-        if self.num_stages < 1:
-            raise ValueError(f"LogMatmulConfig: num_stages={self.num_stages} must be >= 1")
+        check_tiles(self, "block_m", "block_n", "block_k", minimum=16, why="tl.dot tiles")
+        check_warps(self)
+        check_at_least_one(self, "num_stages")
 
     def smem_bytes(self, kernel: str = "bwd") -> int:
         """Upper estimate of `kernel`'s ("fwd" or "bwd") shared memory in bytes, as Triton 3.6 lays it

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
@@ -50,15 +51,10 @@ class BKConfig:
     num_warps: int
 
     def __post_init__(self):
-        cls = type(self).__name__
-        for name in ("chunk", "block_k"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{cls}: {name}={value} must be a power of two (tl.arange tiles)")
+        check_tiles(self, "chunk", "block_k", why="tl.arange tiles")
         if self.chunk < 2:
-            raise ValueError(f"{cls}: chunk={self.chunk} must be at least 2")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"{cls}: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+            raise ValueError(f"{type(self).__name__}: chunk={self.chunk} must be at least 2")
+        check_warps(self)
 
 
 # Declared once; every config is checked against the reference on the GPU and is the autotuner's

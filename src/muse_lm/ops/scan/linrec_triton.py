@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 
 __all__ = [
@@ -57,14 +58,10 @@ class LinRecConfig:
     num_warps: int
 
     def __post_init__(self):
-        for name in ("block_t", "block_d"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"LinRecConfig: {name}={value} must be a power of two (tl.arange tiles)")
+        check_tiles(self, "block_t", "block_d", why="tl.arange tiles")
         if self.block_t < 2:
             raise ValueError(f"LinRecConfig: block_t={self.block_t} must be at least 2 (a chunk is a scan)")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"LinRecConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        check_warps(self)
 
 
 # Declared once: the autotuner's search space on CUDA (pruned per device by shared memory), each one

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_at_least_one, check_warps
 from muse_lm.ops._dispatch import interpreter_enabled
 from muse_lm.ops.semiseparable.state_pass import finish_groups, use_two_levels
 from muse_lm.ops.semiseparable.triton import _device_smem, _dot, _load_chunk_decay, _load_f32, _prec, _rows
@@ -100,10 +101,8 @@ class FusedStatesConfig:
             value = getattr(self, name)
             if value not in (16, 32, 64):
                 raise ValueError(f"FusedStatesConfig: {name}={value} must be 16, 32 or 64 (tl.dot tiles)")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"FusedStatesConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
-        if self.num_stages < 1:
-            raise ValueError(f"FusedStatesConfig: num_stages={self.num_stages} must be >= 1")
+        check_warps(self)
+        check_at_least_one(self, "num_stages")
 
 
 # Declared once: the autotuner's search space on CUDA, each checked by tests/ops/test_semiseparable_fused.py

@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_at_least_one, check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.semiseparable.state_pass import chunk_table, state_pass
 
@@ -93,12 +94,9 @@ class SSDConfig:
     num_stages: int
 
     def __post_init__(self):
-        if self.block_p < 16 or self.block_p & (self.block_p - 1):
-            raise ValueError(f"SSDConfig: block_p={self.block_p} must be a power of two >= 16 (tl.dot tiles)")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"SSDConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
-        if self.num_stages < 1:
-            raise ValueError(f"SSDConfig: num_stages={self.num_stages} must be >= 1")
+        check_tiles(self, "block_p", minimum=16, why="tl.dot tiles")
+        check_warps(self)
+        check_at_least_one(self, "num_stages")
 
 
 # Declared once: the autotuner's search space on CUDA (each kernel is tuned on its own), each checked

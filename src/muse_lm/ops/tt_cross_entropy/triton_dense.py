@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_at_least_one, check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
@@ -59,14 +60,9 @@ class LCEConfig:
     group_m: int = 8
 
     def __post_init__(self):
-        for name in ("block_m", "block_v", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"LCEConfig: {name}={value} must be a power of two >= 16 (tl.dot tiles)")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"LCEConfig: num_warps={self.num_warps} must be 1, 2, 4, 8 or 16")
-        if self.num_stages < 1 or self.group_m < 1:
-            raise ValueError(f"LCEConfig: num_stages={self.num_stages} and group_m={self.group_m} must be >= 1")
+        check_tiles(self, "block_m", "block_v", "block_k", minimum=16, why="tl.dot tiles")
+        check_warps(self, (1, 2, 4, 8, 16))
+        check_at_least_one(self, "num_stages", "group_m")
 
     def smem_bytes(self, elem_bytes: int) -> int:
         """Shared-memory estimate of the larger (backward) kernel: (stages + 1) sets of h and W

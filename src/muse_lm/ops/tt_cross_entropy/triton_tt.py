@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from muse_lm.ops._config import check_at_least_one, check_tiles, check_warps
 from muse_lm.ops._dispatch import compile_boundary, interpreter_enabled
 from muse_lm.ops.tt_cross_entropy.reference import _reduce, _token_weights, combine_lse_partials
 
@@ -65,10 +66,7 @@ class TTHeadConfig:
     dw_rank_group: int
 
     def __post_init__(self):
-        for name in ("block_t", "block_i", "block_j", "rank_chunk", "dw_block_j", "dw_rank_group"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"TTHeadConfig: {name}={value} must be a power of two")
+        check_tiles(self, "block_t", "block_i", "block_j", "rank_chunk", "dw_block_j", "dw_rank_group")
         # tl.dot needs every tile side >= 16 on the GPU.
         if self.block_t * self.block_i < 16 or self.block_i * self.rank_chunk < 16:
             raise ValueError(
@@ -77,10 +75,8 @@ class TTHeadConfig:
             )
         if self.block_i * self.dw_rank_group < 16 or min(self.block_j, self.dw_block_j) < 16:
             raise ValueError("TTHeadConfig: block_i*dw_rank_group, block_j and dw_block_j must be >= 16")
-        if self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
-            raise ValueError(
-                f"TTHeadConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8 and num_stages >= 1"
-            )
+        check_warps(self)
+        check_at_least_one(self, "num_stages")
 
 
 # Every declared config is checked against the reference (interpreter tests and GPU tests).

@@ -58,27 +58,18 @@ FORWARD_CHUNK_ELEMENTS = 1 << 23
 BACKWARD_CHUNK_ELEMENTS = 6 << 20
 
 
-def chunk_bounds(vocab_size: int, width: int, block_v: int,
+def chunk_bounds(vocab_size: int, width: int, unit: int,
                  chunk_elements: int = FORWARD_CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    """[start, stop) vocab row ranges rebuilt one at a time: multiples of `block_v` rows (whole
-    kernel tiles), at most `chunk_elements` / width rows, and at most half the vocab (rounded up to
-    a tile) when the vocab spans more than one tile, so the whole table never exists at once."""
-    rows = max(block_v, chunk_elements // max(width, 1) // block_v * block_v)
-    if vocab_size > block_v:
-        rows = min(rows, math.ceil(vocab_size / 2 / block_v) * block_v)
-    return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+    """[start, stop) vocab row ranges rebuilt one at a time: multiples of `unit` rows, at most
+    `chunk_elements` / width rows unless one unit is more, and at most half the vocab (rounded up to a
+    unit) when the vocab spans more than one unit, so the whole table never exists at once.
 
-
-def backward_chunk_bounds(vocab_size: int, width: int, v_last: int,
-                          chunk_elements: int = BACKWARD_CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    """[start, stop) vocab row ranges of the backward: whole blocks of the last core's v_last rows (so
-    each chunk's core gradients are two GEMMs, `_chunk_core_grads`), at most `chunk_elements` / width
-    rows unless one block is more, and at most half the vocab (rounded up to a block) when the vocab
-    spans more than one block, so the whole table never exists at once. Any row count: the kernel
-    masks a chunk's partial last tile."""
-    rows = max(v_last, chunk_elements // max(width, 1) // v_last * v_last)
-    if vocab_size > v_last:
-        rows = min(rows, math.ceil(vocab_size / 2 / v_last) * v_last)
+    The forward's unit is the kernel's block_v (whole tiles); the backward's the last core's v rows
+    (whole blocks, so each chunk's core gradients are two GEMMs, `_chunk_core_grads`; the kernel masks
+    a chunk's partial last tile)."""
+    rows = max(unit, chunk_elements // max(width, 1) // unit * unit)
+    if vocab_size > unit:
+        rows = min(rows, math.ceil(vocab_size / 2 / unit) * unit)
     return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
 
 
@@ -137,7 +128,7 @@ def tt_chunked_backward(
 ) -> tuple[Tensor | None, list[Tensor] | None]:
     """(dL/dh in h's dtype, [dL/dcore_k in core k's dtype]); None where not needed.
 
-    token_grad `[N]` fp32 is dL/dloss_i (0 for ignored tokens). Per chunk (`backward_chunk_bounds`):
+    token_grad `[N]` fp32 is dL/dloss_i (0 for ignored tokens). Per chunk (`chunk_bounds` in last-core blocks):
     the rows rebuilt in the compute dtype as the forward did, one kernel launch that adds into the
     shared fp32 dh accumulators and fills the chunk's fp32 dE, then two GEMMs that map dE onto fp32
     core gradients (`_chunk_core_grads`; summed over chunks, cast at the end). A chunk's buffers:
@@ -155,7 +146,7 @@ def tt_chunked_backward(
     grads = [torch.zeros_like(m) for m in masters] if need_cores else None
     low = [c.to(h.dtype) for c in cores]  # cast once, not per chunk
     v_last, table_rows = cores[-1].shape[0], math.prod(c.shape[0] for c in cores)
-    for start, stop in backward_chunk_bounds(vocab_size, d, v_last, chunk_elements or BACKWARD_CHUNK_ELEMENTS):
+    for start, stop in chunk_bounds(vocab_size, d, v_last, chunk_elements or BACKWARD_CHUNK_ELEMENTS):
         # Whole last-core blocks: the last chunk runs on into the table's padding rows (dE 0 there).
         end = min(math.ceil(stop / v_last) * v_last, table_rows) if need_cores else stop
         rows = _rebuild(low, start, end, h.dtype)

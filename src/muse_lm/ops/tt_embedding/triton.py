@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from muse_lm.ops._config import check_at_least_one, check_tiles, check_warps
 from muse_lm.ops._dispatch import interpreter_enabled
 from muse_lm.ops.tt_embedding.digit_sort import MAX_DIGITS, sort_by_digits
 
@@ -38,10 +39,8 @@ class TTLookupConfig:
     num_warps: int
 
     def __post_init__(self):
-        if self.block_n < 1 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"TTLookupConfig: block_n={self.block_n} must be a power of two")
-        if self.num_warps not in (1, 2, 4, 8):
-            raise ValueError(f"TTLookupConfig: num_warps={self.num_warps} must be 1, 2, 4 or 8")
+        check_tiles(self, "block_n")
+        check_warps(self)
 
 
 # Every declared config is checked against the reference (interpreter tests and GPU tests).
@@ -477,12 +476,9 @@ class SegmentDotConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_t", "min_chunk"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"SegmentDotConfig: {name}={value} must be a power of two")
-        if self.chunks_per_segment < 1 or self.num_warps not in (1, 2, 4, 8) or self.num_stages < 1:
-            raise ValueError("SegmentDotConfig: chunks_per_segment >= 1, num_warps in 1, 2, 4, 8, num_stages >= 1")
+        check_tiles(self, "block_t", "min_chunk")
+        check_warps(self)
+        check_at_least_one(self, "chunks_per_segment", "num_stages")
 
 
 # The default: on an H100 (32768 ids, V 50257, D 1024, rank 16, bf16; bench_htt.py --sweep
@@ -494,17 +490,17 @@ SEGMENT_CONFIG = SegmentDotConfig(4, 16, 4, 4)
 SEGMENT_CONFIGS = (SEGMENT_CONFIG, SegmentDotConfig(8, 32, 2, 4), SegmentDotConfig(16, 32, 2, 4))
 
 
-def _slot_count(n: int, v: int, cfg: SegmentDotConfig) -> int:
+def _slot_count(n: int, v: int, min_chunk: int) -> int:
     """Slots of one core's piece sums: every piece that can have tokens (see `_segment_piece`)."""
-    return n // cfg.min_chunk + v + 1
+    return n // min_chunk + v + 1
 
 
-def _slots_fit(n: int, cores: list[Tensor]) -> bool:
-    """Whether the sorted backward's slot buffer is addressed in int32 (the kernels offset into it with
-    int32 products): false only past ~2**31 / (d1 r + r d2) * 16 ids (33M at D 1024, rank 16)."""
+def _slots_fit(n: int, cores: list[Tensor], cfg: SegmentDotConfig | None = None) -> bool:
+    """Whether the sorted backward's slot buffer (launch shape `cfg`, None: the default) is addressed in
+    int32 (the kernels offset into it with int32 products): false only past ~2**31 / (d1 r + r d2) *
+    min_chunk ids (33M at D 1024, rank 16, min_chunk 16)."""
     (v1, _, d1, r), (v2, _, d2, _) = cores[0].shape, cores[1].shape
-    smallest = min(c.min_chunk for c in SEGMENT_CONFIGS)
-    return _slot_count(n, max(v1, v2), SegmentDotConfig(1, smallest, 1, 1)) * (d1 * r + r * d2) < 2**31
+    return _slot_count(n, max(v1, v2), (cfg or SEGMENT_CONFIG).min_chunk) * (d1 * r + r * d2) < 2**31
 
 
 def _split(n: int, v: int, cfg: SegmentDotConfig) -> int:
@@ -530,7 +526,7 @@ def _tt2_backward_sorted(
     split1, split2 = _split(n, v1, cfg), _split(n, v2, cfg)
     # Slots for every piece that has tokens (see `_segment_piece`); the reduce reads only those, so
     # the buffer is never cleared.
-    slots = _slot_count(n, max(v1, v2), cfg)
+    slots = _slot_count(n, max(v1, v2), cfg.min_chunk)
     partial = torch.empty(slots * (d1 * r + r * d2), device=ids.device, dtype=torch.float32)
     bd1, bd2, br = (max(16, _pow2(x)) for x in (d1, d2, r))
     _segment_dot_kernel[(v1 + v2, max(split1, split2))](
@@ -643,10 +639,11 @@ def tt_lookup_backward(
     grad_out = grad_out.contiguous()
     v, d, r = _dims(cores)
     n = ids.shape[0]
-    method = method or ("sorted" if len(cores) == 2 and max(v) <= MAX_DIGITS and _slots_fit(n, cores) else "atomic")
+    method = method or ("sorted" if len(cores) == 2 and max(v) <= MAX_DIGITS and _slots_fit(n, cores, segment_config)
+                        else "atomic")
     if method not in ("sorted", "atomic") or (method == "sorted" and len(cores) != 2):
         raise ValueError(f"tt_lookup_backward: method={method!r}; use 'atomic', or 'sorted' (K = 2 only)")
-    if method == "sorted" and not _slots_fit(n, cores):
+    if method == "sorted" and not _slots_fit(n, cores, segment_config):
         raise ValueError(f"tt_lookup_backward: {n} ids overflow the sorted backward's int32 slot offsets for "
                          f"cores {[tuple(c.shape) for c in cores]}; split the ids or use method='atomic'")
     if method == "sorted" and n > 0:  # `config` shapes only the forward and the atomic backward
