@@ -32,7 +32,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -75,6 +75,7 @@ class Settings:
     # own time moved by up to 20% between runs on the H100, so back-to-back rounds keep a slow spell
     # (clocks, a neighbour) from landing on one side only.
     fla_rounds: int = 5
+    decay: str = "layer_init"  # the scan's log-decays: see _log_decays
 
     def __post_init__(self):
         bad = [t for t in self.lengths if t > self.tokens or self.tokens % t]
@@ -85,6 +86,8 @@ class Settings:
             raise ValueError(f"target lengths {missing} are not among lengths={self.lengths}; add them")
         if self.fla_rounds < 1:
             raise ValueError(f"fla_rounds={self.fla_rounds} must be >= 1")
+        if self.decay not in ("layer_init", "fast"):
+            raise ValueError(f"decay={self.decay!r} must be 'layer_init' or 'fast' (see _log_decays)")
 
     def to_json(self) -> dict:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # as JSON reads back
@@ -167,13 +170,28 @@ def _gen(s: Settings, seed: int) -> torch.Generator:
     return torch.Generator(device=s.device).manual_seed(seed)
 
 
+def _log_decays(s: Settings, b: int, t: int, g: torch.Generator) -> torch.Tensor:
+    """log_a [B,T,H] fp32 by `s.decay`. "layer_init": the AR-SSM layer's decays at initialization,
+    -A_h softplus(n + softplus^-1(dt_h)) with A in [1, 16] (linear over heads), dt in [1e-3, 1e-1]
+    (log-spaced) and per-token jitter n ~ N(0, 0.5^2): the slow heads carry a state across whole
+    sequences, so the two-level walk's fix-up has every state of theirs to fix, while the fast heads
+    forget within a chunk (a fix-up skips a chunk whose carried decay underflowed to 0). "fast": the
+    runs before 2026-11-27's last, -0.2 softplus(n), n ~ N(0, 1): every head forgets within ~10 chunks."""
+    n = torch.randn(b, t, s.heads, device=s.device, generator=g)
+    if s.decay == "fast":
+        return -F.softplus(n) * 0.2
+    a = torch.linspace(1.0, 16.0, s.heads, device=s.device)
+    dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), s.heads, device=s.device))
+    return -a * F.softplus(0.5 * n + (dt + torch.log(-torch.expm1(-dt))))
+
+
 def _scan_step(s: Settings, b: int, t: int) -> Callable[[], None]:
     """Ours: x [B,T,H,P], u and v [B,T,H,R] (scaled so y stays O(1)), log_a [B,T,H] fp32 in (-inf, 0]."""
     g, kw = _gen(s, t), {"device": s.device, "dtype": s.dtype}
     x = torch.randn(b, t, s.heads, s.head_dim, generator=g, **kw)
     u = torch.randn(b, t, s.heads, s.rank, generator=g, **kw) * s.rank**-0.5
     v = torch.randn(b, t, s.heads, s.rank, generator=g, **kw) * s.rank**-0.5
-    log_a = -F.softplus(torch.randn(b, t, s.heads, device=s.device, generator=g)) * 0.2
+    log_a = _log_decays(s, b, t, g)
     inputs = [z.requires_grad_() for z in (x, u, v, log_a)]
     return _fwd_bwd(lambda *a: semiseparable_scan(*a)[0], inputs)
 
@@ -418,13 +436,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT})")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU in seconds (CI); no FLA")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--decay", choices=("layer_init", "fast"), default="layer_init",
+                    help="the scan's log-decays (see _log_decays; default layer_init)")
     args = ap.parse_args(argv)
     parts = tuple(args.parts.split(","))
     if unknown := [p for p in parts if p not in PARTS]:
         ap.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
     if not args.smoke and not torch.cuda.is_available():
         ap.error("the full benchmark needs a CUDA GPU (issue 4 measures on one H100); use --smoke on the CPU")
-    res = run(SMOKE if args.smoke else FULL, args.out, parts, smoke=args.smoke)
+    res = run(replace(SMOKE if args.smoke else FULL, decay=args.decay), args.out, parts, smoke=args.smoke)
     print(json.dumps(res["targets"], indent=1), f"\nwall {res['wall_s']:.0f} s -> {args.out}", flush=True)
     return res
 

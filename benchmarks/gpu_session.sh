@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh walks|duv|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -50,6 +50,17 @@ case "$PART" in
     fi
     step mixer 230 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
     step profile 70 python3 benchmarks/profile_scan.py --out "$OUT/profile_scan.json"
+    ;;
+  fixup)
+    # The two-level walk's fix-up as tiles of chunks and the chunk kernels' head-fastest launch order:
+    # one vs two levels by group size at T 8192/16384, the per-kernel profile, the whole mixer benchmark.
+    step levels 90 python3 benchmarks/sweep_ssd_levels.py --t 8192,16384 --out "$OUT/ssd_levels.json"
+    step profile 90 python3 benchmarks/profile_scan.py --t 1024,4096,8192,16384,65536 --out "$OUT/profile_scan.json"
+    step mixer 390 python3 benchmarks/bench_mixer.py --out "$OUT/mixer.json"
+    ;;
+  fixup_tests)
+    # The GPU test module's chunk-kernel and walk tests after the launch-order change.
+    step ssd_tests 540 "${PYTEST[@]}" tests/gpu/test_semiseparable_gpu.py -x
     ;;
   scans)
     step fused_check 150 python3 benchmarks/check_semiseparable_gpu.py --parts fused_states --out "$OUT/ssd_fused.json"

@@ -17,7 +17,9 @@ import torch
 import triton
 from triton.testing import do_bench
 
+import bench_mixer
 import muse_lm.ops.semiseparable.triton as k
+from bench_mixer import _log_decays
 from muse_lm.provenance import git_commit
 
 TOKENS, HEADS, DIM, CHUNK = 65536, 16, 64, 64
@@ -25,11 +27,13 @@ CANDIDATES = [k.SSDConfig(bp, w, st) for bp, w, st in itertools.product((16, 32,
 
 
 def mixer_inputs(t: int, gen: torch.Generator) -> tuple:
-    """(x, dy, u, v, log_a) at the mixer's shape, B = TOKENS // t: bf16 normals, log-decays in [-2, 0]."""
+    """(x, dy, u, v, log_a) at the mixer's shape, B = TOKENS // t: bf16 normals, log-decays as
+    bench_mixer draws them (the AR-SSM layer's initialization; runs before 2026-11-27's last drew them from
+    [-2, 0], where no state survives two chunks and the two-level fix-up skipped nearly every chunk)."""
     b = TOKENS // t
     x, dy = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
     u, v = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
-    log_a = -2.0 * torch.rand(b, t, HEADS, device="cuda", generator=gen)
+    log_a = _log_decays(bench_mixer.FULL, b, t, gen)
     return x, dy, u, v, log_a
 
 

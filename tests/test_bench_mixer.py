@@ -154,3 +154,21 @@ def test_paired_cells_alternate_rounds_and_record_an_oom_without_stopping(bench)
     with pytest.raises(ValueError, match="fla_rounds"):
         bench.Settings(device="cpu", dtype=torch.float32, tokens=64, lengths=(16, 32), heads=2, head_dim=8, rank=8,
                        fla_target_lengths=(16,), sdpa_target_length=32, fla_rounds=0)
+
+
+def test_log_decays_follow_the_layer_init_or_the_fast_setting(bench):
+    """layer_init: every head's mean per-token rate is near A_h * dt_h of the AR-SSM layer's
+    initialization (slowest ~1e-3, fastest ~1.6), all <= 0; fast: the earlier runs' -0.2 softplus(n);
+    an unknown setting is refused."""
+    import dataclasses
+
+    s = dataclasses.replace(bench.SMOKE, heads=16)
+    la = bench._log_decays(s, 4, 512, torch.Generator().manual_seed(0))
+    assert la.shape == (4, 512, 16) and la.dtype == torch.float32 and (la <= 0).all()
+    rate = -la.mean(dim=(0, 1))
+    assert rate[0] == pytest.approx(1e-3, rel=0.3) and rate[-1] == pytest.approx(1.6, rel=0.3)
+    assert (rate[1:] > rate[:-1]).all()  # slow to fast over the heads
+    fast = bench._log_decays(dataclasses.replace(s, decay="fast"), 4, 512, torch.Generator().manual_seed(0))
+    assert -fast.mean() == pytest.approx(0.2 * 0.806, rel=0.05)  # E softplus(N(0, 1)) ~ 0.806
+    with pytest.raises(ValueError, match="decay="):
+        dataclasses.replace(s, decay="slow")

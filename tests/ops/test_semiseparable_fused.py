@@ -286,7 +286,8 @@ def test_every_declared_config_poisoned_forward_and_backward_walks():
 @interp
 @pytest.mark.parametrize("cfg_index", [0, 2], ids=["16x16", "32x64"])
 def test_two_level_walk_every_group_size_poisoned(cfg_index):
-    """The fused walk in two levels (groups of 1, 2, 3 and more chunks than there are), both directions,
+    """The fused walk in two levels (groups of 1, 2, 3, 8 and more chunks than there are; with 8, the
+    fix-up's one tile of 8 chunks runs past the last of the 10), both directions,
     plain (with and without an initial state) and packed (a document ends inside a group, one is empty),
     into NaN-filled states and finals: equal to the unfused walk, so every group's fix-up reached every
     chunk. T 150 is 10 chunks of 16; the decay is weak and absent over chunks 2-6, so a state crosses
@@ -304,7 +305,7 @@ def test_two_level_walk_every_group_size_poisoned(cfg_index):
              ((vp, dyp, lap, dfp, 5, table), True)]
     for (a, b, la, init, n, tab), rev in cases:
         want_states, want_final = unfused_walk(a, b, la, init, n, 16, tab, rev)
-        for group in (1, 2, 3, 16):
+        for group in (1, 2, 3, 8, 16):
             states = torch.full_like(want_states, float("nan"))
             final = torch.full_like(want_final, float("nan"))
             fused_chunk_states(a, b, la, states, init, n, 16, tab, reverse=rev, config=CONFIGS[cfg_index],
@@ -355,7 +356,7 @@ def test_two_level_policy_group_size_and_argument_checks():
     assert not fs.use_fused_two_levels(many_rows, fs.FUSED_TWO_LEVEL_MIN_CHUNKS - 1, 4096)
     assert fs.use_fused_two_levels(many_rows, fs.FUSED_TWO_LEVEL_MIN_CHUNKS, 4096)
     assert fs.use_fused_two_levels(16, 64, 4096)  # few rows: the unfused walk's rule holds too
-    assert [fs.fused_group_size(n) for n in (1, 7, 64, 128, 256, 1024, 4096)] == [1, 1, 16, 32, 64, 64, 64]
+    assert [fs.fused_group_size(n) for n in (1, 7, 64, 128, 256, 1024, 4096)] == [1, 4, 32, 64, 64, 64, 64]
     x, u, v, log_a, *_ = problem(1, 40, 1, 4, 4)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="group="):

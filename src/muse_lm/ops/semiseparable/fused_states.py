@@ -79,7 +79,7 @@ __all__ = [
 # P = R = 64, 65536 tokens): forward + backward 2.86 -> 2.22 ms at B 32 T 2048 and 2.85 -> 2.36 ms
 # at B 8 T 8192, both as accurate against fp64 as the unfused walk.
 FUSED_STATES_BY_DEFAULT = True
-FUSED_TWO_LEVEL_MIN_CHUNKS = 256  # see use_fused_two_levels
+FUSED_TWO_LEVEL_MIN_CHUNKS = 128  # see use_fused_two_levels
 # Saving bf16 inputs' chunk states in bf16 (fused walk only): 2.22 -> 2.02 ms and 2.36 -> 2.13 ms
 # more, same shapes; the added error (1.6e-3 relative on the CPU) is below the bf16 output's own.
 COMPACT_STATES_BY_DEFAULT = True
@@ -169,18 +169,21 @@ def _triton_configs() -> list[triton.Config]:
 def use_fused_two_levels(rows: int, n_chunks: int, state_size: int) -> bool:
     """Whether the fused walk runs in two levels when not told (two_levels=None): where the unfused walk
     does (`state_pass.use_two_levels`: few state elements in all, so few walks in flight), and for any
-    walk of at least `FUSED_TWO_LEVEL_MIN_CHUNKS` chunks. Measured on an H100 (bf16 states, 16 heads,
-    P = R = 64, 65536 tokens; `check_semiseparable_gpu.py --parts fused_states`), the forward walk alone:
-    128 chunks (B 8) 0.25 ms in one level vs 0.29-0.38 in two; 256 chunks (B 4) 0.44 vs 0.29-0.38;
-    1024 chunks (B 1) 1.24 vs 0.29-0.45 (groups of 64 the fastest at every length)."""
+    walk of at least `FUSED_TWO_LEVEL_MIN_CHUNKS` chunks. Measured on an H100 (bf16, 16 heads, P = R = 64,
+    65536 tokens, the AR-SSM layer's initial decays; `benchmarks/sweep_ssd_levels.py`,
+    `benchmarks/results/ssd_levels.json`), the scan's forward + backward: 128 chunks (B 8) 1.569 ms in
+    one level vs 1.542 in two (groups of 64; 1.59-1.74 with groups of 32 down to 8); 256 chunks (B 4)
+    1.923 vs 1.570. The one-level walk of 128 chunks took 0.489 ms of the scan against 0.392 for 64
+    chunks (B 16). Before the fix-up ran as tiles of chunks (2026-11-27), 128 chunks were faster in one
+    level. Many rows with many chunks (e.g. B 32 x T 8192) are unmeasured."""
     return n_chunks >= FUSED_TWO_LEVEL_MIN_CHUNKS or use_two_levels(rows, n_chunks, state_size)
 
 
 def fused_group_size(n_chunks: int) -> int:
-    """Chunks per group of the fused two-level walk: a quarter of the walk, at most 64 (the fastest
-    measured from 256 to 1024 chunks: each step carries a tl.dot, so longer groups and fewer of them
-    beat the unfused walk's sqrt(NC))."""
-    return min(64, triton.next_power_of_2(max(1, n_chunks // 4)))
+    """Chunks per group of the fused two-level walk: half the walk, at most 64 (the fastest measured
+    from 128 to 1024 chunks: each step carries a tl.dot, so longer groups and fewer of them beat the
+    unfused walk's sqrt(NC))."""
+    return min(64, triton.next_power_of_2(max(1, n_chunks // 2)))
 
 
 def use_compact_states(fused: bool) -> bool:

@@ -21,7 +21,8 @@ with few rows and many chunks the GPU idles. Two levels, for long T with few seq
     local e_c, the product p_c of the decays since the group's start (0 after a reset) and the
     group's (end state, product);
  2. `_group_carry_kernel`: a short walk over the NC/G groups giving the state entering each group;
- 3. `_group_fixup_kernel`: e_c += p_c E_group and final_n += e^(g_c) p_c E_group, in parallel.
+ 3. `_group_fixup_kernel`: e_c += p_c E_group and final_n += e^(g_c) p_c E_group, in parallel over
+    tiles of chunks (groups after the first).
 Same values (up to fp32 rounding), about G + NC/G steps instead of NC, for twice the state traffic.
 """
 
@@ -39,6 +40,7 @@ __all__ = ["chunk_table", "finish_groups", "group_size", "state_pass", "use_two_
 _STATE_BLOCK = 256  # elements of the R*P state per walking program (at most)
 _STATE_PROGRAMS = 264  # two per SM of an H100: below this a walk halves its block (down to 64)
 _FIXUP_BLOCK = 512
+_FIXUP_CHUNKS = 8  # chunks per fix-up program (fewer when G has fewer factors of two)
 # Two levels when a row's walk is long and the rows are few: below this many state elements over all
 # rows (B*H*R*P; the 8gb layer has R*P = 2048) the one-level walk is latency-bound rather than
 # bandwidth-bound on an H100 (~1 us a step against 3 TB/s), and at this many chunks the two-level
@@ -199,36 +201,42 @@ def _group_carry_kernel(gst_ptr, gdec_ptr, NG, RP, BLOCK: tl.constexpr):
 @triton.jit
 def _group_fixup_kernel(
     st_ptr, g_ptr, final_ptr, tab_ptr, pc_ptr, gst_ptr, NC, NG, G, H, RP,
-    BLOCK: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+    SUB: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Level 3, program (walk step i, row, block): e_c += p_c E_k for the group k of step i, and, if the
-    walk leaves a sequence at c, final_n += e^(g_c) p_c E_k. Skipped where p_c = 0 (after a reset) and
-    in group 0 (E_0 = 0)."""
-    i, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Level 3, program (j, row, block): walk steps i = G + j*SUB .. G + j*SUB + SUB-1, all in one group k
+    (SUB divides G; group 0 is not launched: E_0 = 0), as a [SUB, BLOCK] tile: e_c += p_c E_k, and where
+    the walk leaves a sequence at c, final_n += e^(g_c) p_c E_k. Rows with p_c = 0 (after a reset) are
+    masked off. A tile of chunks per program, not one: a program per (chunk, block) made the launch
+    grid-bound (as long with nothing to fix as with everything)."""
+    j, i_bh, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     o_e = i_e * BLOCK + tl.arange(0, BLOCK)
     m_e = o_e < RP
-    i_k = i // G
+    i0 = G + j * SUB
+    i = i0 + tl.arange(0, SUB)
+    ok = i < NC
     c = NC - 1 - i if REVERSE else i
     if VARLEN:
-        n = tl.load(tab_ptr + c * 4 + 2)
-        flags = tl.load(tab_ptr + c * 4 + 3)
+        n = tl.load(tab_ptr + c * 4 + 2, mask=ok, other=0)
+        flags = tl.load(tab_ptr + c * 4 + 3, mask=ok, other=0)
         leaves = (flags & (1 if REVERSE else 2)) != 0
     else:
-        n = i_b
+        n = tl.zeros([SUB], dtype=tl.int32) + i_b
         leaves = i == NC - 1
     row = i_bh.to(tl.int64) * NC + c
-    p = tl.load(pc_ptr + row)
-    # Scalar conditions are combined before the block mask: Triton 3.6's interpreter types a block
-    # mask & scalar as int32, which a further & refuses.
-    on = (i_k > 0) & (p != 0.0)
-    active = m_e & on
-    carry = p * tl.load(gst_ptr + (i_bh.to(tl.int64) * NG + i_k) * RP + o_e, mask=active, other=0.0)
-    e = tl.load(st_ptr + row * RP + o_e, mask=active, other=0.0)
-    tl.store(st_ptr + row * RP + o_e, (e + carry).to(st_ptr.dtype.element_ty), mask=active)
-    f_ptr = final_ptr + (n * H + i_h).to(tl.int64) * RP + o_e
-    f = tl.load(f_ptr, mask=m_e & (on & leaves), other=0.0)
-    tl.store(f_ptr, f + tl.exp(tl.load(g_ptr + row)) * carry, mask=m_e & (on & leaves))
+    p = tl.load(pc_ptr + row, mask=ok, other=0.0)
+    on = ok & (p != 0.0)
+    big_e = tl.load(gst_ptr + (i_bh.to(tl.int64) * NG + i0 // G) * RP + o_e, mask=m_e, other=0.0)
+    carry = p[:, None] * big_e[None, :]
+    active = on[:, None] & m_e[None, :]
+    ptrs = st_ptr + row[:, None] * RP + o_e[None, :]
+    e = tl.load(ptrs, mask=active, other=0.0).to(tl.float32)
+    tl.store(ptrs, (e + carry).to(st_ptr.dtype.element_ty), mask=active)
+    fin = active & leaves[:, None]
+    f_ptrs = final_ptr + ((n * H + i_h).to(tl.int64) * RP)[:, None] + o_e[None, :]
+    f = tl.load(f_ptrs, mask=fin, other=0.0)
+    decay = tl.exp(tl.load(g_ptr + row, mask=on & leaves, other=0.0))
+    tl.store(f_ptrs, f + decay[:, None] * carry, mask=fin)
 
 
 def _walk_block(programs: int, state_size: int) -> int:
@@ -292,8 +300,11 @@ def finish_groups(states: Tensor, g: Tensor, final: Tensor, table: Tensor | None
     rows, rp, n_groups = b * h, r * p, gdec.shape[1]
     block = _walk_block(rows, rp)
     _group_carry_kernel[(rows, triton.cdiv(rp, block))](gst, gdec, n_groups, rp, BLOCK=block)
+    if nc <= group:  # one group: its states and finals are already right
+        return
     block = min(_FIXUP_BLOCK, triton.next_power_of_2(rp))
-    _group_fixup_kernel[(nc, rows, triton.cdiv(rp, block))](
+    sub = min(_FIXUP_CHUNKS, group & -group)  # a power of two that divides G: a tile stays in one group
+    _group_fixup_kernel[(triton.cdiv(nc - group, sub), rows, triton.cdiv(rp, block))](
         states, g, final, table if table is not None else g, pc, gst, nc, n_groups, group, heads, rp,
-        BLOCK=block, REVERSE=reverse, VARLEN=table is not None,
+        SUB=sub, BLOCK=block, REVERSE=reverse, VARLEN=table is not None,
     )

@@ -258,6 +258,22 @@ def _state_tile(ptr, i_bh, i_c, p0, R, P, NC, RB: tl.constexpr, BP: tl.constexpr
 
 
 @triton.jit
+def _chunk_program(NC, H, NPB):
+    """(chunk, b*h, P-block) of this program. The launch is one axis ordered (batch, chunk, head,
+    P-block), the last fastest, so the programs in flight read the same tokens of every head: [B,T,H,*]
+    rows interleave the heads, and a grid that ran one head's chunks first used 1/H of each DRAM page
+    it opened (at T 65536, B 1 the chunk kernels took 7% longer than at T 4096 on an H100; now 1%)."""
+    pid = tl.program_id(0)
+    i_p = pid % NPB
+    rest = pid // NPB
+    i_h = rest % H
+    rest = rest // H
+    i_c = rest % NC
+    i_b = rest // NC
+    return i_c, i_b * H + i_h, i_p
+
+
+@triton.jit
 def _chunk_state_kernel(
     a_ptr, b_ptr, la_ptr, out_ptr, g_ptr, tab_ptr, T, H, R, P, NC, LOG_BH, LOG_NC,
     C: tl.constexpr, RB: tl.constexpr, BP: tl.constexpr, VARLEN: tl.constexpr, FROM_START: tl.constexpr,
@@ -266,7 +282,7 @@ def _chunk_state_kernel(
     """out[b,h,c] = (diag(w) A_c)^T B_c  [R, P] fp32, with A = u (or v), B = x (or dY) [B,T,H,*] and
     w = e^(g - cum) (decayed to the chunk's end: the forward) or e^cum (from its start: the backward).
     Also writes each chunk's total log-decay g to g_ptr [B*H, NC] fp32, for the state pass."""
-    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_p = _chunk_program(NC, H, tl.cdiv(P, BP))
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     cum, g = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
@@ -290,7 +306,7 @@ def _chunk_output_kernel(
     RAW: tl.constexpr, RAW_S: tl.constexpr,
 ):
     """y = (V U^T o L) X + diag(e^cum) V S for one (chunk, b*h, P-block); S = state entering the chunk."""
-    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_p = _chunk_program(NC, H, tl.cdiv(P, BP))
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     cum, _ = _load_chunk_decay(la_ptr, i_b, i_h, t0, T, t_end, H, C)
@@ -318,7 +334,7 @@ def _chunk_dx_kernel(
 ):
     """dX = A^T dY + diag(e^(g-cum)) U dS' for one (chunk, b*h, P-block), A = V U^T o L; dS' = gradient
     of the state leaving the chunk, [B,H,NC,R,P] fp32 (bf16 with compact states)."""
-    i_c, i_bh, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_p = _chunk_program(NC, H, tl.cdiv(P, BP))
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     p0 = i_p * BP
@@ -352,7 +368,7 @@ def _chunk_duv_kernel(
     dA o V U^T is formed, and each state term is the accumulator its dot product adds onto. On an H100
     (bf16, T 2048, P = R = 64, BP 64, 4 warps) that took the kernel from 0.70 to 0.53 ms (profile_scan.json): it spilled
     ~1.2 KB a thread before, ~0.7 KB now (benchmarks/ptxas_ssd_kernels.py)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh, _ = _chunk_program(NC, H, 1)
     i_b, i_h = i_bh // H, i_bh % H
     t0, t_end = _chunk_span(tab_ptr, i_c, T, C, VARLEN)
     dyx = tl.zeros([C, C], dtype=tl.float32)  # dY X^T
@@ -427,17 +443,17 @@ _chunk_duv_tuned = triton.autotune(configs=_triton_configs(), **_TUNE)(_chunk_du
 
 
 def _launch_chunks(kernel, tuned, shape, config: SSDConfig | None, args: tuple, **meta) -> None:
-    """Runs a chunk kernel over grid (chunks, B*H, P-blocks) with `config`, or autotuned on CUDA when
-    config is None; `_chunk_duv_kernel` walks P itself (grid (chunks, B*H)). shape = (B, T, H, P, R, NC);
-    args end with the chunk table (any tensor without VARLEN)."""
+    """Runs a chunk kernel over chunks x B*H x P-blocks (one grid axis: `_chunk_program`) with `config`,
+    or autotuned on CUDA when config is None; `_chunk_duv_kernel` walks P itself (no P-blocks).
+    shape = (B, T, H, P, R, NC); args end with the chunk table (any tensor without VARLEN)."""
     b, t, h, p, r, nc = shape
     full = (*args, t, h, r, p, nc, (b * h).bit_length(), nc.bit_length())
     walks_p = kernel is _chunk_duv_kernel
     if config is None and not interpreter_enabled():
-        tuned[lambda m: (nc, b * h, 1 if walks_p else triton.cdiv(p, m["BP"]))](*full, **meta)
+        tuned[lambda m: (nc * b * h * (1 if walks_p else triton.cdiv(p, m["BP"])),)](*full, **meta)
         return
     cfg = config or default_config(p)
-    grid = (nc, b * h, 1 if walks_p else triton.cdiv(p, cfg.block_p))
+    grid = (nc * b * h * (1 if walks_p else triton.cdiv(p, cfg.block_p)),)
     kernel[grid](*full, BP=cfg.block_p, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
 
 
