@@ -60,9 +60,16 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * _BYTES.get(t.dtype, 4)
 
 
+def _storage_bytes(saved: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `saved`: views of one buffer (a norm output saved in 3-D
+    for one op and 2-D for a matmul, gate and up split from one projection) are held once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}.values())
+
+
 def saved_per_token(preset: str, seq_len: int, compiled: bool) -> dict:
     """{"activations": [[shape at seq_len, dtype, count, bytes per token]], "per_token": total,
-    "fixed_bytes": what does not grow with T (weights, their casts)}: the block is run at seq_len and
+    "fixed_bytes": what does not grow with T (weights, their casts), "per_token_distinct_storage": the
+    same growth counting each storage once}: the block is run at seq_len and
     2 seq_len, and each saved tensor's growth divided by the added tokens is its cost per token."""
     from muse_lm.models import MuseLM
     from muse_lm.presets import get_preset
@@ -85,7 +92,8 @@ def saved_per_token(preset: str, seq_len: int, compiled: bool) -> dict:
     rows = sorted(([list(shape), dtype, count, grown * count] for (shape, dtype, grown), count in groups.items()),
                   key=lambda r: -r[3])
     return {"preset": preset, "seq_len": seq_len, "compiled": compiled, "d_model": cfg.d_model,
-            "activations": rows, "per_token": sum(r[3] for r in rows), "fixed_bytes": fixed}
+            "activations": rows, "per_token": sum(r[3] for r in rows), "fixed_bytes": fixed,
+            "per_token_distinct_storage": (_storage_bytes(long) - _storage_bytes(short)) / seq_len}
 
 
 def main() -> None:
@@ -105,6 +113,7 @@ def main() -> None:
     print(f"  activations: {res['per_token']:,.0f} B/token/layer "
           f"({res['per_token'] / (2 * res['d_model']):.1f} x d_model in bf16); not growing with T (weights, "
           f"their casts): {res['fixed_bytes'] / 2**20:.1f} MiB")
+    print(f"  counting each storage once: {res['per_token_distinct_storage']:,.0f} B/token/layer")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

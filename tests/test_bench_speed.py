@@ -227,3 +227,34 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path, model_record):
     assert "old table" not in text and record["environment"]["date"] in text
     assert bench_speed.main(["--readme", str(readme), "--results", str(results)]) == 0
     assert readme.read_text() == text  # idempotent
+
+
+def test_capture_is_not_tried_for_a_known_uncapturable_head_and_a_failure_keeps_its_first_error(monkeypatch):
+    """--cuda-graph auto: the cut-cross-entropy head is not captured (a failed capture's pool would stay
+    reserved and count in the point's memory); a capture that fails twice records the first error."""
+    from muse_lm.bench_speed import model_part
+
+    settings = ModelBenchSettings(lengths=(8,), tokens_per_step=8, cuda_graph="auto")
+    cuda = torch.device("cuda")  # graphs_wanted only looks at the device type; nothing runs on it
+    point = {}
+    assert model_part._capture(lambda: None, None, settings, cuda, point, None,
+                               model_part.UNCAPTURABLE_HEADS["cut_cross_entropy"]) is None
+    assert point["cuda_graph"].startswith("not attempted: cut-cross-entropy") and "nonzero()" in point["cuda_graph"]
+
+    errors = iter([RuntimeError("first: operation not permitted when stream is capturing\ndetail"),
+                   RuntimeError("beginAllocateToPool: already recording to mempool_id")])
+
+    def failing_capture(*args, **kwargs):
+        raise next(errors)
+
+    class Optimizer:
+        def zero_grad(self, set_to_none):
+            pass
+
+    monkeypatch.setattr(model_part, "GraphedStep", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    point = {}
+    assert model_part._capture(lambda: None, Optimizer(), settings, cuda, point) is None
+    assert point["cuda_graph"] == ("capture failed: RuntimeError: first: operation not permitted when stream is "
+                                   "capturing; retry: RuntimeError: beginAllocateToPool: already recording to "
+                                   "mempool_id")

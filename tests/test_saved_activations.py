@@ -27,6 +27,10 @@ def test_tiny_block_compiled(tmp_path):
     assert abs(sum(rows.values()) - res["per_token"]) < 1e-6
     # The SwiGLU's w13 output (2 x ffn_hidden 384) is saved: 32 tokens, bf16, 1536 bytes a token.
     assert rows[((32, 768), "bfloat16")] == 1536, sorted(rows)
+    # Not kept: the SwiGLU's product (ffn_hidden 384; recomputed in the backward) and the norms' outputs
+    # in fp32 (they hand on bf16 under autocast): the only fp32 d_model row is the residual stream.
+    assert ((32, 384), "bfloat16") not in rows and rows[((1, 32, 128), "float32")] == 512, sorted(rows)
+    assert res["per_token_distinct_storage"] > 0
     assert "activations:" in proc.stdout
 
 

@@ -71,7 +71,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
 
 
 def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: Compiler, seq_len: int,
-                  settings: ModelBenchSettings, device: torch.device, pool: tuple | None = None) -> dict:
+                  settings: ModelBenchSettings, device: torch.device, pool: tuple | None = None,
+                  uncapturable: str | None = None) -> dict:
     """One (model, T): warm-up steps, then timed steps whose peak memory is measured (the cache is
     emptied and the peak reset in between, so compile/autotune transients are not counted)."""
     batch = settings.tokens_per_step // seq_len
@@ -84,7 +85,7 @@ def measure_point(model: nn.Module, optimizer: torch.optim.Optimizer, compiler: 
         t0 = time.perf_counter()
         for _ in range(settings.warmup_steps):
             compiler.call(step, cleanup=lambda: optimizer.zero_grad(set_to_none=True))
-        graphed = _capture(step, optimizer, settings, device, point, pool)
+        graphed = _capture(step, optimizer, settings, device, point, pool, uncapturable)
         _sync(device)
         point["warmup_s"] = time.perf_counter() - t0
         free_device(device)
@@ -109,12 +110,25 @@ def graphs_wanted(settings: ModelBenchSettings, device: torch.device) -> bool:
     return settings.cuda_graph == "on" or (settings.cuda_graph == "auto" and device.type == "cuda")
 
 
+# Heads whose step a CUDA graph cannot capture, and why. A capture that fails part-way leaves its
+# private memory pool reserved for the life of the process, so the point's memory would count it.
+UNCAPTURABLE_HEADS = {
+    "cut_cross_entropy": "cut-cross-entropy finds the valid targets with nonzero() on every call "
+                         "(cut_cross_entropy/utils.py, _build_flat_valids): a host sync, which a capture refuses",
+}
+
+
 def _capture(step: Callable[[], None], optimizer: torch.optim.Optimizer, settings: ModelBenchSettings,
-             device: torch.device, point: dict, pool: tuple | None = None) -> GraphedStep | None:
+             device: torch.device, point: dict, pool: tuple | None = None,
+             uncapturable: str | None = None) -> GraphedStep | None:
     """The step captured as a CUDA graph when --cuda-graph asks for it (point["cuda_graph"]: True, or
-    why not). Under "auto" a failed capture is recorded and the point runs uncaptured."""
+    why not). Under "auto" a model known not to capture (`uncapturable`: why) is not tried, and a failed
+    capture is recorded (its first error, which a retry's can hide) and the point runs uncaptured."""
     if not graphs_wanted(settings, device):
         point["cuda_graph"] = False
+        return None
+    if uncapturable is not None and settings.cuda_graph == "auto":
+        point["cuda_graph"] = f"not attempted: {uncapturable}"
         return None
     errors = []
     for _ in range(2):  # a second try: a first capture can trip over one-time lazy initialization
@@ -131,7 +145,7 @@ def _capture(step: Callable[[], None], optimizer: torch.optim.Optimizer, setting
             continue
         point["cuda_graph"] = True if not errors else f"captured on the second try (first: {errors[0]})"
         return graphed
-    point["cuda_graph"] = f"capture failed: {errors[-1]}"
+    point["cuda_graph"] = f"capture failed: {errors[0]}" + (f"; retry: {errors[1]}" if errors[1] != errors[0] else "")
     log.warning("CUDA graph capture failed (%s); this point runs uncaptured", point["cuda_graph"])
     return None
 
@@ -176,7 +190,8 @@ def bench_model(name: str, cfg, settings: ModelBenchSettings, train: TrainConfig
         if time.perf_counter() > deadline:
             point = {"seq_len": seq_len, "skipped": f"the part's time cap ({settings.max_seconds:.0f} s) was spent"}
         else:
-            point = measure_point(model, optimizer, compiler, seq_len, settings, device, pool)
+            point = measure_point(model, optimizer, compiler, seq_len, settings, device, pool,
+                                  UNCAPTURABLE_HEADS.get(record["head"]))
         record["points"].append(point)
         record["compile"] = compiler.record()
         log.info("model %s T=%d: %s", name, seq_len, _point_line(point))

@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+
+class _GatedDown(torch.autograd.Function):
+    """W2 (silu(gate) * up) that keeps gate and up for the backward but not their product: the backward
+    recomputes it (one pointwise pass) for W2's gradient. A plain `w2(F.silu(gate) * up)` keeps the
+    product too, [N, hidden] more per token (4 KB per token per layer at the 8gb shape, bf16). Eager
+    mode only: a compiled graph's partitioner decides what to keep on its own (and kept the product,
+    whose only backward use is a matmul); `_recompute_everything` tells it instead.
+
+    gate, up [..., hidden] (one dtype: the autocast dtype in training), weight [D, hidden] (fp32
+    parameters are cast to the activations' dtype, as autocast would) -> [..., D]."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        prod = F.silu(gate) * up
+        return F.linear(prod, weight.to(prod.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The same ops autograd runs for the plain chain (the product recomputed as the forward made it),
+        # so the gradients are bit-identical to it in eager mode.
+        gate, up, weight = ctx.saved_tensors
+        silu = F.silu(gate)
+        d_weight = None
+        if ctx.needs_input_grad[2]:
+            prod = silu * up
+            d_weight = (grad.reshape(-1, grad.shape[-1]).T @ prod.reshape(-1, prod.shape[-1])).to(weight.dtype)
+        d_prod = grad @ weight.to(grad.dtype)
+        return torch.ops.aten.silu_backward(d_prod * up, gate), d_prod * silu, d_weight
+
+
+def _recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy of the compiled SwiGLU's down projection: the partitioner recomputes
+    what the backward needs (the product, from gate and up, which stay saved as the region's inputs)
+    and nothing else (the matmul's output is not needed by the backward)."""
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _gated_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(gate) * up, weight.to(gate.dtype))
 
 
 class SwiGLU(nn.Module):
-    """y = W2 (silu(W1 x) * W3 x). x: [..., D] -> [..., D]; W1 and W3 share one matmul."""
+    """y = W2 (silu(W1 x) * W3 x). x: [..., D] -> [..., D]; W1 and W3 share one matmul. With a plain
+    `nn.Linear` W2 the product is recomputed in the backward instead of kept (eager: `_GatedDown`;
+    compiled: a selective checkpoint); any other W2 (an `LNSLinear` after `convert_to_lns`) runs
+    through its own forward."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -18,4 +65,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.hidden, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        if type(self.w2) is not nn.Linear or self.w2.bias is not None:
+            return self.w2(F.silu(gate) * up)
+        if torch.compiler.is_compiling():
+            return checkpoint(_gated_down, gate, up, self.w2.weight, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, _recompute_everything))
+        return _GatedDown.apply(gate, up, self.w2.weight)

@@ -182,45 +182,49 @@ class BlockedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, targets: Tensor, spec: LossSpec, *params: Tensor) -> Tensor:
-        dtype = compute_dtype(h.dtype, *(p.dtype for p in params))
-        table = spec.table(params, dtype)
-        valid = targets != spec.ignore_index
-        lse, target_logit = _online_lse(h.to(dtype), targets, valid, table, spec)
-        per_token = lse - target_logit + spec.z_loss * lse.square()
-        per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-        ctx.spec = spec
-        ctx.save_for_backward(h, targets, lse, *params)
-        return _reduce(per_token, valid, spec.reduction)
+        # Autocast off: the reference computes in compute_dtype. Under autocast its products ran in bf16, and a
+        # compiled graph traced the backward under it too, where bf16 logits met fp32 one-hots in scatter_add_.
+        with torch.autocast(h.device.type, enabled=False):
+            dtype = compute_dtype(h.dtype, *(p.dtype for p in params))
+            table = spec.table(params, dtype)
+            valid = targets != spec.ignore_index
+            lse, target_logit = _online_lse(h.to(dtype), targets, valid, table, spec)
+            per_token = lse - target_logit + spec.z_loss * lse.square()
+            per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+            ctx.spec = spec
+            ctx.save_for_backward(h, targets, lse, *params)
+            return _reduce(per_token, valid, spec.reduction)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         h_in, targets, lse, *params = ctx.saved_tensors
-        spec: LossSpec = ctx.spec
-        need_h = ctx.needs_input_grad[0]
-        need_params = any(ctx.needs_input_grad[3:])
-        dtype = lse.dtype
-        h = h_in.to(dtype)
-        table = spec.table(params, dtype)
-        valid = targets != spec.ignore_index
-        token_grad = _token_weights(grad_out.to(dtype), valid, spec.reduction)
-        # d per_token / d logits = (1 + 2 z lse) softmax - onehot(target)
-        softmax_scale = torch.where(valid, token_grad * (1 + 2 * spec.z_loss * lse), torch.zeros_like(lse))
-        grad_h = torch.zeros_like(h) if need_h else None
-        for start, stop in _blocks(spec.vocab_size, spec.block_size):
-            rows = table.rows(start, stop)  # [b, D]
-            # softmax * scale, in place in the recomputed [N, b] logits buffer
-            grad_logits = (h @ rows.T).sub_(lse[:, None]).exp_().mul_(softmax_scale[:, None])
-            in_block, column = _target_columns(targets, valid, start, stop)
-            onehot = torch.where(in_block, token_grad, torch.zeros_like(token_grad))
-            grad_logits.scatter_add_(1, column[:, None], -onehot[:, None])
-            if need_h:
-                grad_h += grad_logits @ rows
-            if need_params:
-                table.add_row_grad(start, stop, grad_logits.T @ h)  # [b, D]
-        param_grads = table.param_grads() if need_params else (None,) * len(params)
-        param_grads = [g if want else None for g, want in zip(param_grads, ctx.needs_input_grad[3:])]
-        return (None if grad_h is None else grad_h.to(h_in.dtype), None, None, *param_grads)
+        with torch.autocast(h_in.device.type, enabled=False):
+            spec: LossSpec = ctx.spec
+            need_h = ctx.needs_input_grad[0]
+            need_params = any(ctx.needs_input_grad[3:])
+            dtype = lse.dtype
+            h = h_in.to(dtype)
+            table = spec.table(params, dtype)
+            valid = targets != spec.ignore_index
+            token_grad = _token_weights(grad_out.to(dtype), valid, spec.reduction)
+            # d per_token / d logits = (1 + 2 z lse) softmax - onehot(target)
+            softmax_scale = torch.where(valid, token_grad * (1 + 2 * spec.z_loss * lse), torch.zeros_like(lse))
+            grad_h = torch.zeros_like(h) if need_h else None
+            for start, stop in _blocks(spec.vocab_size, spec.block_size):
+                rows = table.rows(start, stop)  # [b, D]
+                # softmax * scale, in place in the recomputed [N, b] logits buffer
+                grad_logits = (h @ rows.T).sub_(lse[:, None]).exp_().mul_(softmax_scale[:, None])
+                in_block, column = _target_columns(targets, valid, start, stop)
+                onehot = torch.where(in_block, token_grad, torch.zeros_like(token_grad))
+                grad_logits.scatter_add_(1, column[:, None], -onehot[:, None])
+                if need_h:
+                    grad_h += grad_logits @ rows
+                if need_params:
+                    table.add_row_grad(start, stop, grad_logits.T @ h)  # [b, D]
+            param_grads = table.param_grads() if need_params else (None,) * len(params)
+            param_grads = [g if want else None for g, want in zip(param_grads, ctx.needs_input_grad[3:])]
+            return (None if grad_h is None else grad_h.to(h_in.dtype), None, None, *param_grads)
 
 
 def blocked_linear_cross_entropy(
