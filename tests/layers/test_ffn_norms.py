@@ -77,3 +77,38 @@ def test_rms_norm_hands_on_the_autocast_dtype():
         y = norm(x)
     assert y.dtype == torch.bfloat16 and torch.equal(y, want.to(torch.bfloat16))
     assert norm(x.double()).dtype == torch.float64  # no autocast: the input's dtype
+
+
+def test_rms_norm_keeps_fp64_and_runs_on_devices_without_autocast():
+    norm = RMSNorm(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm.double()(torch.randn(2, 8, dtype=torch.float64)).dtype == torch.float64
+    meta = RMSNorm(8).to("meta")
+    assert meta(torch.empty(2, 8, device="meta")).shape == (2, 8)  # no autocast on "meta": no error
+
+
+def test_swiglu_refuses_a_double_backward_and_skips_frozen_inputs():
+    torch.manual_seed(4)
+    m = SwiGLU(16, 32)
+    x = torch.randn(3, 16, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="silu_backward"):
+        g.sum().backward()
+    m.w13.requires_grad_(False)
+    m(torch.randn(3, 16)).sum().backward()  # gate and up need no gradient: only W2's is formed
+    assert m.w13.weight.grad is None and m.w2.weight.grad is not None
+
+
+def test_ar_ssm_conv_cache_keeps_the_parameters_dtype_under_autocast():
+    """The norm hands the mixer bf16 under autocast; the conv cache it returns stays fp32 (the
+    parameters' dtype), so a prefill under autocast loads into a decoder built without it."""
+    from muse_lm.layers import AdaptiveRankSemiseparableLayer
+
+    torch.manual_seed(5)
+    layer = AdaptiveRankSemiseparableLayer(16, 4, num_heads=2).eval()
+    x = torch.randn(1, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, state = layer(x.bfloat16(), return_state=True)
+    assert state.conv.dtype == torch.float32
+    _, _, plain = layer(x, return_state=True)
+    assert plain.conv.dtype == torch.float32

@@ -174,7 +174,9 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         # Only the last k inputs matter: a prefill of T tokens copies k rows, not the whole sequence.
         head = past if past is not None else x.new_zeros(x.shape[0], k, x.shape[2])
         xp = torch.cat([head, x[:, max(x.shape[1] - k, 0):]], dim=1)
-        return y, xp[:, xp.shape[1] - k:]
+        # Kept in the parameters' dtype: under autocast x is the norm's bf16 output, and a cache whose
+        # dtype followed autocast would not load into a decoder built outside it.
+        return y, xp[:, xp.shape[1] - k:].to(self.conv.weight.dtype)
 
     def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
         """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state)."""

@@ -29,15 +29,19 @@ class _GatedDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # The same ops autograd runs for the plain chain (the product recomputed as the forward made it),
-        # so the gradients are bit-identical to it in eager mode.
+        # so the gradients are bit-identical to it in eager mode. A double backward stops at aten's
+        # silu_backward, which has no derivative (an error, not a silently partial result).
         gate, up, weight = ctx.saved_tensors
         silu = F.silu(gate)
-        d_weight = None
+        d_gate = d_up = d_weight = None
         if ctx.needs_input_grad[2]:
             prod = silu * up
             d_weight = (grad.reshape(-1, grad.shape[-1]).T @ prod.reshape(-1, prod.shape[-1])).to(weight.dtype)
-        d_prod = grad @ weight.to(grad.dtype)
-        return torch.ops.aten.silu_backward(d_prod * up, gate), d_prod * silu, d_weight
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            d_prod = grad @ weight.to(grad.dtype)
+            d_gate = torch.ops.aten.silu_backward(d_prod * up, gate)
+            d_up = d_prod * silu
+        return d_gate, d_up, d_weight
 
 
 def _recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -54,8 +58,9 @@ def _gated_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> t
 class SwiGLU(nn.Module):
     """y = W2 (silu(W1 x) * W3 x). x: [..., D] -> [..., D]; W1 and W3 share one matmul. With a plain
     `nn.Linear` W2 the product is recomputed in the backward instead of kept (eager: `_GatedDown`;
-    compiled: a selective checkpoint); any other W2 (an `LNSLinear` after `convert_to_lns`) runs
-    through its own forward."""
+    compiled: a selective checkpoint; either way `w2`'s own forward and its hooks are not called, and
+    there is no double backward); any other W2 (an `LNSLinear` after `convert_to_lns`) runs through
+    its own forward."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()

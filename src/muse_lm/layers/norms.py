@@ -11,8 +11,10 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     norm's output casts it to the autocast dtype anyway (matmuls) or takes it as given (the AR-SSM conv,
     BK's potential), so an fp32 output under autocast only adds an fp32 copy that autograd saves: on the
     8gb block, 3 KB per token per layer (`benchmarks/saved_activations.py`)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device = x.device.type
+    # fp64 stays fp64 (autocast leaves it alone too); "meta" and other devices without autocast pass.
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return x.dtype
 
 
