@@ -10,7 +10,8 @@ P = R = 64, bf16:
    forward GB/s (inputs read once, outputs written once) against the copy bandwidth of this run.
 4. fla: the scan against flash-linear-attention's `chunk_linear_attn` at equal state size (K = V = 64),
    T 2048 and 8192 first, then the other lengths; the two are timed in alternation over
-   `Settings.fla_rounds` rounds and each cell is the median round. Last: a crash inside a
+   `Settings.fla_rounds` rounds and each cell is the median round (with --host-diagnostics, then each
+   side's host time per call and its device time replayed from a CUDA graph). Last: a crash inside a
    competitor's kernel poisons the CUDA context, so everything else is measured (and written)
    before it.
 Derived numbers (ours/SDPA, ns per token and its change from the shortest T, ours/FLA) and the issue's
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from bench_scans import _fwd_bwd, fla_competitors
 from muse_lm.layers.ar_ssm import AdaptiveRankSemiseparableLayer
@@ -76,6 +77,9 @@ class Settings:
     # (clocks, a neighbour) from landing on one side only.
     fla_rounds: int = 5
     decay: str = "layer_init"  # the scan's log-decays: see _log_decays
+    # After each FLA pair, each side's host time per call and CUDA-graphed device time (untried on a GPU
+    # as of 2026-11-27, so off unless asked for: --host-diagnostics).
+    host_diagnostics: bool = False
 
     def __post_init__(self):
         bad = [t for t in self.lengths if t > self.tokens or self.tokens % t]
@@ -123,6 +127,31 @@ def _gpu_ms(fn: Callable[[], object]) -> float:
     """Median ms by do_bench. rep 200 ms, not bench_scans' 50: SDPA at T 65536 takes tens of ms a call,
     and 50 ms of repetitions would be a median of one or two calls."""
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def _host_ms(s: Settings, fn: Callable[[], object], calls: int = 20) -> float:
+    """Host time to issue one call, ms: `calls` calls enqueued back to back, the clock stopped before
+    the device is waited for. A call whose host time nears its device time is timed at the host's pace
+    by do_bench, which records its start event right after the L2 flush."""
+    fn()
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    if s.device == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * host / calls
+
+
+def _graphed_cell(fn: Callable[[], object]) -> dict:
+    """{"ms": median device time of fn replayed from a CUDA graph} (no host time in it), or {"error":
+    why the capture failed}; CUDA only."""
+    try:
+        return {"ms": float(do_bench_cudagraph(fn, rep=200, return_mode="median"))}
+    except RuntimeError as err:
+        return {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
 
 
 def _timer(s: Settings) -> Callable[[Callable[[], object]], float]:
@@ -312,6 +341,14 @@ def _fla_version() -> str:
     return "unknown (importable, no package metadata)"
 
 
+def _host_diagnostics(s: Settings, makers: dict[str, Callable[[], Callable[[], object]]]) -> dict:
+    """Whether paired rounds that disagree differ in host time or in device time: each side's host time
+    per call and its device time replayed from a CUDA graph (one step each, built again; no target)."""
+    steps = {name: make() for name, make in makers.items()}
+    return {"host_ms": {name: _host_ms(s, step) for name, step in steps.items()},
+            "graphed": {name: _graphed_cell(step) for name, step in steps.items()}}
+
+
 def part_fla(s: Settings, res: dict, save: Callable[[], None]) -> None:
     if not s.run_fla:
         res["fla"] = {"skipped": "this run does not measure flash-linear-attention (--smoke)"}
@@ -327,8 +364,11 @@ def part_fla(s: Settings, res: dict, save: Callable[[], None]) -> None:
         b = s.tokens // t
         makers = {"ours": partial(_scan_step, s, b, t), "fla": partial(_fla_step, s, fn, b, t)}
         res["fla"][f"T{t}"] = {"B": b, "T": t, **_paired_cells(s, makers, s.fla_rounds)}
-        print("fla", res["fla"][f"T{t}"], flush=True)
         save()
+        if s.host_diagnostics:
+            res["fla"][f"T{t}"].update(_host_diagnostics(s, makers))
+            save()
+        print("fla", res["fla"][f"T{t}"], flush=True)
 
 
 # ---------------------------------------------------------------- derived numbers and targets
@@ -438,13 +478,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--decay", choices=("layer_init", "fast"), default="layer_init",
                     help="the scan's log-decays (see _log_decays; default layer_init)")
+    ap.add_argument("--host-diagnostics", action="store_true",
+                    help="after each FLA pair, host time per call and CUDA-graphed time of both sides")
     args = ap.parse_args(argv)
     parts = tuple(args.parts.split(","))
     if unknown := [p for p in parts if p not in PARTS]:
         ap.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
     if not args.smoke and not torch.cuda.is_available():
         ap.error("the full benchmark needs a CUDA GPU (issue 4 measures on one H100); use --smoke on the CPU")
-    res = run(replace(SMOKE if args.smoke else FULL, decay=args.decay), args.out, parts, smoke=args.smoke)
+    settings = replace(SMOKE if args.smoke else FULL, decay=args.decay, host_diagnostics=args.host_diagnostics)
+    res = run(settings, args.out, parts, smoke=args.smoke)
     print(json.dumps(res["targets"], indent=1), f"\nwall {res['wall_s']:.0f} s -> {args.out}", flush=True)
     return res
 

@@ -172,3 +172,13 @@ def test_log_decays_follow_the_layer_init_or_the_fast_setting(bench):
     assert -fast.mean() == pytest.approx(0.2 * 0.806, rel=0.05)  # E softplus(N(0, 1)) ~ 0.806
     with pytest.raises(ValueError, match="decay="):
         dataclasses.replace(s, decay="slow")
+
+
+def test_host_time_counts_the_calls_issued(bench):
+    """_host_ms: the host time of one call, from `calls` calls issued back to back (CPU: the call's time)."""
+    import time
+
+    calls = []
+    ms = bench._host_ms(bench.SMOKE, lambda: calls.append(time.sleep(0.002)), calls=5)
+    assert len(calls) == 6  # one untimed, then five
+    assert 2.0 <= ms < 50.0
