@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench, do_bench_cudagraph
 
 from bench_scans import _fwd_bwd, fla_competitors
-from muse_lm.layers.ar_ssm import AdaptiveRankSemiseparableLayer
+from muse_lm.layers.ar_ssm import AdaptiveRankSemiseparableLayer, initial_decay_params
 from muse_lm.ops import bk_resolvent, linear_recurrence, semiseparable_scan
 from muse_lm.provenance import git_commit
 from muse_lm.training.evaluate import autocast_context
@@ -200,18 +200,17 @@ def _gen(s: Settings, seed: int) -> torch.Generator:
 
 
 def _log_decays(s: Settings, b: int, t: int, g: torch.Generator) -> torch.Tensor:
-    """log_a [B,T,H] fp32 by `s.decay`. "layer_init": the AR-SSM layer's decays at initialization,
-    -A_h softplus(n + softplus^-1(dt_h)) with A in [1, 16] (linear over heads), dt in [1e-3, 1e-1]
-    (log-spaced) and per-token jitter n ~ N(0, 0.5^2): the slow heads carry a state across whole
+    """log_a [B,T,H] fp32 by `s.decay`. "layer_init": the AR-SSM layer's decays at initialization
+    (`initial_decay_params`: A in [1, 16], dt in [1e-3, 1e-1]), -A_h softplus(n + dt_bias_h) with
+    per-token jitter n ~ N(0, 0.5^2): the slow heads carry a state across whole
     sequences, so the two-level walk's fix-up has every state of theirs to fix, while the fast heads
     forget within a chunk (a fix-up skips a chunk whose carried decay underflowed to 0). "fast": the
     runs before 2026-11-27's last, -0.2 softplus(n), n ~ N(0, 1): every head forgets within ~10 chunks."""
     n = torch.randn(b, t, s.heads, device=s.device, generator=g)
     if s.decay == "fast":
         return -F.softplus(n) * 0.2
-    a = torch.linspace(1.0, 16.0, s.heads, device=s.device)
-    dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), s.heads, device=s.device))
-    return -a * F.softplus(0.5 * n + (dt + torch.log(-torch.expm1(-dt))))
+    a_log, dt_bias = initial_decay_params(s.heads, s.device)
+    return -torch.exp(a_log) * F.softplus(0.5 * n + dt_bias)
 
 
 def _scan_step(s: Settings, b: int, t: int) -> Callable[[], None]:

@@ -17,9 +17,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-import bench_mixer
 import muse_lm.ops.semiseparable.triton as k
-from bench_mixer import _log_decays
+from bench_mixer import FULL, _log_decays
 from muse_lm.provenance import git_commit
 
 TOKENS, HEADS, DIM, CHUNK = 65536, 16, 64, 64
@@ -33,7 +32,7 @@ def mixer_inputs(t: int, gen: torch.Generator) -> tuple:
     b = TOKENS // t
     x, dy = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
     u, v = torch.randn(2, b, t, HEADS, DIM, device="cuda", generator=gen).bfloat16()
-    log_a = _log_decays(bench_mixer.FULL, b, t, gen)
+    log_a = _log_decays(FULL, b, t, gen)
     return x, dy, u, v, log_a
 
 

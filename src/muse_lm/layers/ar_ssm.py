@@ -25,6 +25,15 @@ from muse_lm.ops import causal_conv1d, semiseparable_scan, semiseparable_step
 _RECOMPUTE = threading.local()
 
 
+def initial_decay_params(num_heads: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_log, dt_bias) [H] fp32 at initialization: decay timescales spread over heads (Mamba-2 style),
+    A in [1, 16] (linear) and dt = softplus(dt_bias) in [1e-3, 1e-1] (log-spaced); the layer's log-decay
+    is -exp(A_log) softplus(dt + dt_bias) for the data-dependent dt."""
+    a = torch.linspace(1.0, 16.0, num_heads, device=device)
+    dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), num_heads, device=device))
+    return torch.log(a), dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+
+
 @contextlib.contextmanager
 def recomputing() -> Iterator[None]:
     """Marks a forward as activation checkpointing's recomputation (in backward): running
@@ -138,12 +147,10 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         nn.init.normal_(self.out_proj.weight, std=self.out_init_std)
         nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(self.conv_size))
         nn.init.zeros_(self.conv.bias)
-        # Decay timescales spread over heads (Mamba-2 style): A in [1, 16], dt in [1e-3, 1e-1].
-        H = self.num_heads
         with torch.no_grad():
-            self.A_log.copy_(torch.log(torch.linspace(1.0, 16.0, H)))
-            dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), H))
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            a_log, dt_bias = initial_decay_params(self.num_heads)
+            self.A_log.copy_(a_log)
+            self.dt_bias.copy_(dt_bias)
             self.gate_bias.fill_(2.0)  # start near full rank: sigmoid(2) ~ 0.88
         self.gate_mean.fill_(1.0)
 

@@ -10,6 +10,11 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
+def _gated_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W2 (silu(gate) * up), the weight cast to the activations' dtype as autocast would."""
+    return F.linear(F.silu(gate) * up, weight.to(gate.dtype))
+
+
 class _GatedDown(torch.autograd.Function):
     """W2 (silu(gate) * up) that keeps gate and up for the backward but not their product: the backward
     recomputes it (one pointwise pass) for W2's gradient. A plain `w2(F.silu(gate) * up)` keeps the
@@ -23,8 +28,7 @@ class _GatedDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up, weight)
-        prod = F.silu(gate) * up
-        return F.linear(prod, weight.to(prod.dtype))
+        return _gated_down(gate, up, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -49,10 +53,6 @@ def _recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     what the backward needs (the product, from gate and up, which stay saved as the region's inputs)
     and nothing else (the matmul's output is not needed by the backward)."""
     return CheckpointPolicy.MUST_RECOMPUTE
-
-
-def _gated_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(gate) * up, weight.to(gate.dtype))
 
 
 class SwiGLU(nn.Module):

@@ -298,10 +298,10 @@ def finish_groups(states: Tensor, g: Tensor, final: Tensor, table: Tensor | None
     that end in a group before the carry."""
     b, h, nc, r, p = states.shape
     rows, rp, n_groups = b * h, r * p, gdec.shape[1]
-    block = _walk_block(rows, rp)
-    _group_carry_kernel[(rows, triton.cdiv(rp, block))](gst, gdec, n_groups, rp, BLOCK=block)
     if nc <= group:  # one group: its states and finals are already right
         return
+    block = _walk_block(rows, rp)
+    _group_carry_kernel[(rows, triton.cdiv(rp, block))](gst, gdec, n_groups, rp, BLOCK=block)
     block = min(_FIXUP_BLOCK, triton.next_power_of_2(rp))
     sub = min(_FIXUP_CHUNKS, group & -group)  # a power of two that divides G: a tile stays in one group
     _group_fixup_kernel[(triton.cdiv(nc - group, sub), rows, triton.cdiv(rp, block))](
