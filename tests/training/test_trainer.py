@@ -3,8 +3,12 @@ overrides, and the Trainer used directly from Python."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,15 +170,34 @@ def test_lns_run_trains_lns_ffns_and_loads_them_frozen_to_8_bit_codes(small_corp
         torch.testing.assert_close(trained.model.eval()(ids), latent.eval()(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_ddp_gradients_stay_in_the_all_reduce_buckets_across_steps(tmp_path):
+def test_ddp_gradients_stay_in_the_all_reduce_buckets_across_steps(cli_env, tmp_path):
     """Under DDP (gradient_as_bucket_view) each gradient is a view into an all-reduce bucket. Clearing
     them with set_to_none would drop the views: the next step's no_sync micro-batches would then
     accumulate into fresh tensors beside the buckets (a second copy of every gradient, measured as
     0.76 GiB more mid-step than one GPU on the 24gb preset) until the reducer copies them back.
-    So after every step the gradients are the same bucket views, zeroed in place."""
+    So after every step the gradients are the same bucket views, zeroed in place.
+
+    The group of one runs in a child process with a time limit, as every gloo test here does: gloo's
+    worker threads, left in the pytest process, have no timeout around them and outlive the test."""
+    env = {**cli_env, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)  # a group of one in memory, whatever the caller's environment says
+    proc = subprocess.run([sys.executable, __file__, "ddp-buckets", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp_buckets.json").read_text()) == {"steps": 3, "bucket_views_kept": True}
+
+
+def _ddp_buckets_worker(out: Path) -> None:
+    """The child of the DDP bucket test: three steps of a tiny model under DDP on a gloo group of one;
+    asserts that the gradients are bucket views, zeroed in place and the same tensors every step."""
+    import faulthandler
+
     from muse_lm.training import distributed
 
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang says where, before the parent's limit
     info = distributed.setup(torch.device("cpu"), single_rank_group=True)  # a group of one, in memory
+    trainer = None
     try:
         torch.manual_seed(0)
         tokens = (torch.arange(2000) % 13).numpy().astype("uint16")
@@ -182,7 +205,7 @@ def test_ddp_gradients_stay_in_the_all_reduce_buckets_across_steps(tmp_path):
                                   bk_heads=0, tt_rank=4, embedding="dense"))
         cfg = TrainConfig(seq_len=16, micro_batch=2, grad_accum=2, steps=4, lr=1e-2, warmup_steps=1,
                           dtype="fp32", eval_every=3, eval_batches=1, log_every=1)
-        trainer = Trainer(model, cfg, train_tokens=tokens, heldout_tokens=tokens[:300], run_dir=tmp_path,
+        trainer = Trainer(model, cfg, train_tokens=tokens, heldout_tokens=tokens[:300], run_dir=out / "run",
                           tokenizer_json="{}", run_config={}, progress=False, dist_info=info, parallel="ddp")
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         trainer.train_step()  # DDP rebuilds its buckets once, in the order the first backward filled them
@@ -194,5 +217,17 @@ def test_ddp_gradients_stay_in_the_all_reduce_buckets_across_steps(tmp_path):
         assert len({p.grad.untyped_storage().data_ptr() for p in params}) < len(params)
         trainer.train_step()
         assert [p.grad.data_ptr() for p in params] == first
+        (out / "ddp_buckets.json").write_text(json.dumps({"steps": trainer.step, "bucket_views_kept": True}))
     finally:
+        # DDP holds the process group: free it while the interpreter is alive (see run.train), or
+        # gloo's worker threads are torn down during interpreter shutdown.
+        trainer = params = model = None
+        gc.collect()
         distributed.teardown()
+        faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "ddp-buckets":
+        raise SystemExit("usage: test_trainer.py ddp-buckets OUT (the child of the DDP bucket test)")
+    _ddp_buckets_worker(Path(sys.argv[2]))
