@@ -177,9 +177,11 @@ def estimate_memory(preset: Preset) -> dict:
     act_bytes = 2 if t.dtype == "bf16" else 4
     proj = m.head_dim * m.n_heads + 2 * m.n_heads * m.max_rank + m.n_heads + m.max_rank
     # 5 d-rows: the norms hand on the autocast dtype (one fp32 row, two bf16 units, became one bf16);
-    # 2 ffn rows: the SwiGLU keeps its w13 output, not the product (`benchmarks/saved_activations.py`).
+    # 2 ffn rows: the SwiGLU keeps its w13 output, not the product; 2 d_inner rows (the scan's values,
+    # now their own GEMM's output with no copy beside the projection, and its output): the eager step
+    # (`benchmarks/saved_activations.py`). A compiled block keeps less (layers/recompute.py).
     per_token_layer = (
-        act_bytes * (5 * m.d_model + 2 * proj + 3 * m.head_dim * m.n_heads + 2 * m.ffn_hidden)
+        act_bytes * (5 * m.d_model + 2 * proj + 2 * m.head_dim * m.n_heads + 2 * m.ffn_hidden)
         + 4 * (m.n_heads * (m.chunk_size + 2 * m.max_rank + 2 * m.head_dim) + 4 * m.bk_heads)
     )
     if t.activation_checkpointing:

@@ -20,6 +20,7 @@ from torch import nn
 from muse_lm.layers.aligned import aligned_linear
 from muse_lm.layers.gates import GATE_MODES, rank_gate
 from muse_lm.layers.norms import RMSNorm
+from muse_lm.layers.recompute import recompute_in_backward
 from muse_lm.ops import causal_conv1d, semiseparable_scan, semiseparable_step
 
 _RECOMPUTE = threading.local()
@@ -167,15 +168,53 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         """Expected number of active rank components (running mean of the gates, summed)."""
         return self.gate_mean.sum()
 
+    def conv_input(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(causal depthwise conv(x)) [B, T, D], the projections' input; `past` [B, conv_size - 1, D]
+        is the left context (zeros when None). One op (fused Triton kernels on CUDA, fp32 math on the
+        fp32 parameters) instead of shifted multiply-adds, which compiled to five kernels per layer
+        moving ~4x the bytes needed."""
+        return causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias, past=past, activation="silu")
+
+    def _project(self, xc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(vals, u, v, dt, g) from the conv output xc [B, T, D]. A plain Linear runs as two GEMMs on
+        row blocks of its one weight: vals [B, T, d_inner] comes out contiguous, as the scan takes it,
+        instead of a strided slice the scan would copy while the slices u, v, dt and g kept the whole
+        projection alive beside the copy (1.5 KB per token per layer at the 8gb shape). The rest's row
+        is padded to 16 bytes (`aligned_linear`). Anything else (an LNSLinear after convert_to_lns, a
+        wrapped layer) runs through its own forward and is split."""
+        if type(self.in_proj) is not nn.Linear:
+            proj = self.in_proj(xc)
+            return proj.split(self._splits, dim=-1)
+        w = self.in_proj.weight
+        vals = F.linear(xc, w[:self.d_inner])
+        rest = aligned_linear(xc, w[self.d_inner:])
+        splits = self._splits[1:] + (rest.shape[-1] - sum(self._splits[1:]),)  # the last piece: the pad
+        return (vals, *rest.split(splits, dim=-1)[:-1])
+
+    def _apply_gate(self, u: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u, v [B, T, H, R] scaled by the gate [B, T, R]; v also by max_rank^-1/2 (the configured
+        max_rank, not R: pruning must not rescale the kept components)."""
+        gate = gate.unsqueeze(2)
+        return u * gate, v * (gate * self.max_rank**-0.5)
+
+    def _gated_output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """out_norm(y) * silu(z): y [B, T, H, P] (the scan's output, fp32 or bf16), z [B, T, d_inner]
+        -> [B, T, d_inner] in z's dtype."""
+        B, T = z.shape[:2]
+        return self.out_norm(y.to(z.dtype)).reshape(B, T, self.d_inner) * F.silu(z)
+
     def _conv(self, x: torch.Tensor, state: ARSSMState | None, need_tail: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """silu(causal depthwise conv(x)): left context only (the cached inputs, or zeros); and the
         last conv_size - 1 inputs for the next call's cache when `need_tail`."""
         k = self.conv_size - 1
         past = state.conv.to(x.dtype) if state is not None else None
-        # One op (fused Triton kernels on CUDA, fp32 math on the fp32 parameters) instead of shifted
-        # multiply-adds, which compiled to five kernels per layer moving ~4x the bytes needed.
-        y = causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias, past=past, activation="silu")
+        if past is None:
+            # A depthwise conv is rebuilt from x (kept for the projections' gradients anyway) in a
+            # compiled backward instead of keeping its output for in_proj's.
+            y = recompute_in_backward(self.conv_input, x)
+        else:
+            y = self.conv_input(x, past)
         if not need_tail:
             return y, None
         # Only the last k inputs matter: a prefill of T tokens copies k rows, not the whole sequence.
@@ -185,23 +224,29 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         # dtype followed autocast would not load into a decoder built outside it.
         return y, xp[:, xp.shape[1] - k:].to(self.conv.weight.dtype)
 
-    def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False):
-        """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state)."""
+    def forward(self, x: torch.Tensor, state: ARSSMState | None = None, *, return_state: bool = False,
+                conv_out: torch.Tensor | None = None):
+        """x [B, T, D]; state from a previous call (generation). Returns (y, gate_penalty, state).
+
+        conv_out: `conv_input(x)`, computed by the caller, for a forward with no state in or out (a
+        block rebuilds its norm and this conv together in a compiled backward: models/muse.py)."""
         B, T, _ = x.shape
         H, R, P = self.num_heads, self.rank, self.head_dim
         keep_state = return_state or state is not None
-        xc, conv_tail = self._conv(x, state, keep_state)
-        # A plain Linear's GEMM runs with its output padded; anything else (an LNSLinear after
-        # convert_to_lns, a wrapped layer) through its own forward.
-        proj = aligned_linear(xc, self.in_proj.weight) if type(self.in_proj) is nn.Linear else self.in_proj(xc)
-        splits = self._splits + (proj.shape[-1] - sum(self._splits),)  # the last piece: aligned_linear's pad
-        vals, u, v, dt, g, _ = proj.split(splits, dim=-1)
+        if conv_out is None:
+            xc, conv_tail = self._conv(x, state, keep_state)
+        elif keep_state:
+            raise ValueError("conv_out is for a forward with no state in or out: the conv cache needs x's tail "
+                             "(pass state/return_state without conv_out)")
+        else:
+            xc, conv_tail = conv_out, None
+        vals, u, v, dt, g = self._project(xc)
         gate_logits = g.float() + self.gate_bias
         gate = rank_gate(gate_logits, self.gate_mode, training=self.training,
                          temperature=self.gumbel_temperature, min_rank=self.min_rank).to(u.dtype)
-        u = u.view(B, T, H, R) * gate.unsqueeze(2)
-        # Scaled by the configured max_rank, not R: pruning must not rescale the kept components.
-        v = v.view(B, T, H, R) * (gate.unsqueeze(2) * self.max_rank**-0.5)
+        # The gated u and v are rebuilt from u, v and the gate (kept for the gate's gradient anyway) in
+        # a compiled backward. The gate itself is outside: Gumbel noise must not be drawn twice.
+        u, v = recompute_in_backward(self._apply_gate, u.view(B, T, H, R), v.view(B, T, H, R), gate)
         log_a = -torch.exp(self.A_log.float()) * F.softplus(dt.float() + self.dt_bias.float())
         vals = vals.view(B, T, H, P)
         prev = state.ssm if state is not None else None
@@ -215,7 +260,8 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         if self.track_state_norm:
             self.last_state_rms = ssm.detach().float().pow(2).mean().sqrt()
             self.last_decay_mean = log_a.detach().exp().mean()
-        y = self.out_norm(y.to(x.dtype)).reshape(B, T, self.d_inner) * F.silu(self.z_proj(x))
+        # out_proj's input is rebuilt from y and z (kept for their own gradients) in a compiled backward.
+        y = recompute_in_backward(self._gated_output, y, self.z_proj(x))
         penalty = self._gate_penalty(gate_logits)
         if self.training:
             self._update_gate_stats(gate)

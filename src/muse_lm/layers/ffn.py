@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from muse_lm.layers.recompute import recompute_in_backward
 
 
 def _gated_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -20,7 +19,7 @@ class _GatedDown(torch.autograd.Function):
     recomputes it (one pointwise pass) for W2's gradient. A plain `w2(F.silu(gate) * up)` keeps the
     product too, [N, hidden] more per token (4 KB per token per layer at the 8gb shape, bf16). Eager
     mode only: a compiled graph's partitioner decides what to keep on its own (and kept the product,
-    whose only backward use is a matmul); `_recompute_everything` tells it instead.
+    whose only backward use is a matmul); `recompute_in_backward` tells it instead.
 
     gate, up [..., hidden] (one dtype: the autocast dtype in training), weight [D, hidden] (fp32
     parameters are cast to the activations' dtype, as autocast would) -> [..., D]."""
@@ -48,13 +47,6 @@ class _GatedDown(torch.autograd.Function):
         return d_gate, d_up, d_weight
 
 
-def _recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective-checkpoint policy of the compiled SwiGLU's down projection: the partitioner recomputes
-    what the backward needs (the product, from gate and up, which stay saved as the region's inputs)
-    and nothing else (the matmul's output is not needed by the backward)."""
-    return CheckpointPolicy.MUST_RECOMPUTE
-
-
 class SwiGLU(nn.Module):
     """y = W2 (silu(W1 x) * W3 x). x: [..., D] -> [..., D]; W1 and W3 share one matmul. With a plain
     `nn.Linear` W2 the product is recomputed in the backward instead of kept (eager: `_GatedDown`;
@@ -73,6 +65,7 @@ class SwiGLU(nn.Module):
         if type(self.w2) is not nn.Linear or self.w2.bias is not None:
             return self.w2(F.silu(gate) * up)
         if torch.compiler.is_compiling():
-            return checkpoint(_gated_down, gate, up, self.w2.weight, use_reentrant=False,
-                              context_fn=functools.partial(create_selective_checkpoint_contexts, _recompute_everything))
+            # The product is rebuilt from gate and up (kept as the region's inputs); the matmul's output
+            # is not needed by the backward, so nothing of the region is kept.
+            return recompute_in_backward(_gated_down, gate, up, self.w2.weight)
         return _GatedDown.apply(gate, up, self.w2.weight)

@@ -23,6 +23,7 @@ from muse_lm.layers import (
     SwiGLU,
 )
 from muse_lm.layers.ar_ssm import PruneReport, recomputing
+from muse_lm.layers.recompute import recompute_in_backward
 from muse_lm.models.config import MuseConfig
 from muse_lm.models.generation import GenerationMixin
 from muse_lm.models.pretrained import read_model_dir, save_model_dir
@@ -60,16 +61,28 @@ class MuseBlock(nn.Module):
         nn.init.normal_(self.ffn.w13.weight, std=cfg.init_std)
         nn.init.normal_(self.ffn.w2.weight, std=out_std)
 
+    def _norm_conv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm1(x), the mixer's conv of it), both [B, T, D]."""
+        h = self.norm1(x)
+        return h, self.mixer.conv_input(h)
+
     def forward(self, x: torch.Tensor, state: BlockState | None = None, return_state: bool = False):
         """x [B, T, D] -> (x [B, T, D], gate penalty, BlockState | None)."""
-        h = self.norm1(x)
-        mixed, penalty, ssm_state = self.mixer(h, state.ssm if state else None, return_state=return_state)
+        # The norms' outputs (and the mixer's conv) are rebuilt from the residual stream in a compiled
+        # backward rather than kept beside it for the projections' weight gradients (layers/recompute.py).
+        # The norm and the conv are one region: at the border of two, the first one's output is kept.
+        if state is None and not return_state:
+            h, xc = recompute_in_backward(self._norm_conv, x)
+            mixed, penalty, ssm_state = self.mixer(h, conv_out=xc)
+        else:
+            h = self.norm1(x)
+            mixed, penalty, ssm_state = self.mixer(h, state.ssm if state else None, return_state=return_state)
         bk_state = None
         if self.bk is not None:
             feats, bk_state = self.bk(h, state.bk if state else None)
             mixed = mixed + feats
         x = x + mixed
-        x = x + self.ffn(self.norm2(x))
+        x = x + self.ffn(recompute_in_backward(self.norm2, x))
         new_state = BlockState(ssm_state, bk_state) if (return_state or state is not None) else None
         return x, penalty, new_state
 
