@@ -60,3 +60,19 @@ def test_conv_out_is_refused_with_a_state():
         mixer(x, state, conv_out=xc)
     with pytest.raises(ValueError, match="no state in or out"):
         mixer(x, return_state=True, conv_out=xc)
+
+
+def test_block_compiled_with_dynamic_shapes_trains_like_eager_at_ragged_lengths():
+    """One compiled graph for every length (dynamic shapes, as after a recompile on a new length), on
+    the torch reference ops: lengths that pad the last chunk, one chunk and two. The reference scan's
+    zero padding once came back in the compiled backward as a narrowing whose strides the graph had
+    not traced ("view size is not compatible")."""
+    torch.manual_seed(0)
+    block = MuseLM(MuseConfig(**{**CFG, "chunk_size": 16, "bk_heads": 0})).blocks[0].train()
+    compiled = torch.compile(block, backend="aot_eager", dynamic=True)
+    for length in (11, 24):
+        x = torch.randn(2, length, 32)
+        eager, ours = _step(block, block, x), _step(block, compiled, x)
+        torch.testing.assert_close(ours[2], eager[2], rtol=1e-5, atol=1e-6, msg=f"dx at T {length}")
+        for name in eager[3]:
+            torch.testing.assert_close(ours[3][name], eager[3][name], rtol=1e-5, atol=1e-6, msg=f"{name} at T {length}")

@@ -51,8 +51,10 @@ def _chunked_core(x: Tensor, u: Tensor, v: Tensor, log_a: Tensor, h0: Tensor, ch
     pad = (-length) % chunk_size
     if pad:
         # Padded tokens have u = 0 (add nothing) and log_a = 0 (no decay): h_T passes through unchanged.
-        x, u, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, u, v))
-        log_a = torch.nn.functional.pad(log_a, (0, 0, 0, pad))
+        # Zeros concatenated, not F.pad: a compiled backward with dynamic shapes turned the pad's
+        # gradient (a negative pad, at run time a strided narrowing) into a view of strides it had
+        # traced as contiguous ("view size is not compatible"; test_block_recompute.py).
+        x, u, v, log_a = (torch.cat([t, t.new_zeros(batch, pad, *t.shape[2:])], dim=1) for t in (x, u, v, log_a))
     n_chunks = (length + pad) // chunk_size
     xc = x.reshape(batch, n_chunks, chunk_size, heads, p_dim)
     uc = u.reshape(batch, n_chunks, chunk_size, heads, -1)
