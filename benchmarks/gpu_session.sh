@@ -4,11 +4,11 @@
 # $OUT/*.json (the device returns at most 8 files). Wheels for the optional competitors (FLA, CCE, Liger,
 # matplotlib) are installed from .whl/ when it was carried.
 #
-#   bash benchmarks/gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit
+#   bash benchmarks/gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|recompute|model_bench|dist|fit
 #
 # A step stopped at its limit gets SIGINT first, so pytest still prints what passed and failed.
 set -u
-PART=${1:?usage: gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|model_bench|dist|fit}
+PART=${1:?usage: gpu_session.sh walks|duv|fixup|fixup_tests|scans|fixes|final|scan_tests|htt|lookup|probe|model|profile|recompute|model_bench|dist|fit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -117,6 +117,13 @@ case "$PART" in
     step profile_t16k 200 python3 benchmarks/profile_step.py --compile on --cuda-graph --top 40 --seq-len 16384 \
       --models muse --out "$OUT/t16k"
     ;;
+  recompute)
+    # The compiled block's backward recomputation (layers/recompute.py): Inductor against eager and the
+    # CPU model of what it keeps, the graphed step, then a compiled, graphed MuseLM step at T 1024 (time
+    # and peak memory, beside profile_step.json of earlier commits).
+    step recompute_tests 240 "${PYTEST[@]}" tests/gpu/test_recompute_gpu.py tests/gpu/test_graphed_step_gpu.py
+    step profile 330 python3 benchmarks/profile_step.py --compile on --cuda-graph --top 60 --models muse --out "$OUT"
+    ;;
   model_bench)
     step model 570 python3 -m muse_lm bench --only model --cuda-graph auto --max-seconds 540 --out "$OUT"
     ;;
@@ -132,5 +139,5 @@ case "$PART" in
     step fit 560 python3 benchmarks/bench_distributed.py --out "$OUT" --presets 24gb --steps 3 --warmup 2 \
       --fit-budget-s 110 --curve-steps 0
     ;;
-  *) echo "unknown part $PART (walks, duv, scans, fixes, final, scan_tests, htt, probe, model, profile, model_bench, dist, fit)"; exit 2 ;;
+  *) echo "unknown part $PART (walks, duv, scans, fixes, final, scan_tests, htt, probe, model, profile, recompute, model_bench, dist, fit)"; exit 2 ;;
 esac

@@ -3,9 +3,9 @@ training steps of the bench_model setup (bf16 autocast, fused AdamW), kernels gr
 
     PYTHONPATH=src python benchmarks/profile_step.py --preset 8gb --seq-len 1024 --tokens 16384 --out DIR
 
-Writes DIR/profile_step.json (per model: eager step time, the top kernels by total CUDA time, and the
-share of the step each takes) and prints the tables. A diagnostic, not a result: the numbers a user
-decides by come from bench_model.py.
+Writes DIR/profile_step.json (per model: step time, the peak memory allocated over the timed steps,
+the top kernels by total CUDA time, and the share of the step each takes) and prints the tables. A
+diagnostic, not a result: the numbers a user decides by come from bench_model.py.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def _profile(name: str, model, train: TrainConfig, seq_len: int, tokens: int, to
         step()
     if graphed:
         step = GraphedStep(step, warmup=1)
+    torch.cuda.reset_peak_memory_stats()
     step_s = _timed(step, 5)
+    # What the timed steps held at most: the captured graph's pool included (it is the step's memory).
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
@@ -75,13 +78,15 @@ def _profile(name: str, model, train: TrainConfig, seq_len: int, tokens: int, to
     total = sum(r["ms_per_step"] for r in rows)
     for r in rows:
         r["share"] = r["ms_per_step"] / total if total else 0.0
-    print(f"\n== {name}: step {step_s * 1e3:.1f} ms, {batch * seq_len / step_s:,.0f} tokens/s; "
+    print(f"\n== {name}: step {step_s * 1e3:.1f} ms, {batch * seq_len / step_s:,.0f} tokens/s, "
+          f"peak allocated {peak_gib:.2f} GiB; "
           f"kernel time {total:.1f} ms/step over {sum(r['calls'] for r in rows)} launches")
     for r in rows[:top]:
         print(f"{r['ms_per_step']:8.3f} ms {r['share']*100:5.1f}% x{r['calls']:<5d} {r['kernel']}")
     model.cpu()
     torch.cuda.empty_cache()
-    return {"step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "kernel_ms_per_step": total,
+    return {"step_s": step_s, "tokens_per_s": batch * seq_len / step_s, "peak_allocated_gib": peak_gib,
+            "kernel_ms_per_step": total,
             "launches_per_step": sum(r["calls"] for r in rows), "kernels": rows[:top], "host": host}
 
 
