@@ -122,7 +122,7 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
 
         H, R = num_heads, rank
         self.conv = nn.Conv1d(d_model, d_model, conv_size, groups=d_model, bias=True)
-        # One matmul for values, keys (u), queries (v), decay step and gate logits.
+        # One weight for values, keys (u), queries (v), decay step and gate logits (two GEMMs: `_project`).
         self._splits = (self.d_inner, H * R, H * R, H, R)
         self.in_proj = nn.Linear(d_model, sum(self._splits), bias=False)
         self.z_proj = nn.Linear(d_model, self.d_inner, bias=False)
@@ -180,14 +180,16 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         row blocks of its one weight: vals [B, T, d_inner] comes out contiguous, as the scan takes it,
         instead of a strided slice the scan would copy while the slices u, v, dt and g kept the whole
         projection alive beside the copy (1.5 KB per token per layer at the 8gb shape). The rest's row
-        is padded to 16 bytes (`aligned_linear`). Anything else (an LNSLinear after convert_to_lns, a
-        wrapped layer) runs through its own forward and is split."""
+        is padded to 16 bytes (`aligned_linear`); the values' row is d_inner wide (a multiple of 8 in
+        every preset, so aligned too). The blocks come from a split, whose gradient is one
+        concatenation (two slices would each add a zero-filled weight-sized gradient). Anything else
+        (an LNSLinear after convert_to_lns, a wrapped layer) runs through its own forward and is split."""
         if type(self.in_proj) is not nn.Linear:
             proj = self.in_proj(xc)
             return proj.split(self._splits, dim=-1)
-        w = self.in_proj.weight
-        vals = F.linear(xc, w[:self.d_inner])
-        rest = aligned_linear(xc, w[self.d_inner:])
+        w_vals, w_rest = self.in_proj.weight.split((self.d_inner, sum(self._splits[1:])))
+        vals = F.linear(xc, w_vals)
+        rest = aligned_linear(xc, w_rest)
         splits = self._splits[1:] + (rest.shape[-1] - sum(self._splits[1:]),)  # the last piece: the pad
         return (vals, *rest.split(splits, dim=-1)[:-1])
 
@@ -238,6 +240,9 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         elif keep_state:
             raise ValueError("conv_out is for a forward with no state in or out: the conv cache needs x's tail "
                              "(pass state/return_state without conv_out)")
+        elif conv_out.shape != x.shape:
+            raise ValueError(f"conv_out has shape {tuple(conv_out.shape)}, x {tuple(x.shape)}: pass "
+                             "conv_input(x) of this x, or leave conv_out out")
         else:
             xc, conv_tail = conv_out, None
         vals, u, v, dt, g = self._project(xc)
