@@ -187,10 +187,11 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         if type(self.in_proj) is not nn.Linear:
             proj = self.in_proj(xc)
             return proj.split(self._splits, dim=-1)
-        w_vals, w_rest = self.in_proj.weight.split((self.d_inner, sum(self._splits[1:])))
+        weight = self.in_proj.weight
+        w_vals, w_rest = weight.split((self.d_inner, weight.shape[0] - self.d_inner))
         vals = F.linear(xc, w_vals)
         rest = aligned_linear(xc, w_rest)
-        splits = self._splits[1:] + (rest.shape[-1] - sum(self._splits[1:]),)  # the last piece: the pad
+        splits = self._splits[1:] + (rest.shape[-1] - w_rest.shape[0],)  # the last piece: the pad
         return (vals, *rest.split(splits, dim=-1)[:-1])
 
     def _apply_gate(self, u: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,12 +212,9 @@ class AdaptiveRankSemiseparableLayer(nn.Module):
         last conv_size - 1 inputs for the next call's cache when `need_tail`."""
         k = self.conv_size - 1
         past = state.conv.to(x.dtype) if state is not None else None
-        if past is None:
-            # A depthwise conv is rebuilt from x (kept for the projections' gradients anyway) in a
-            # compiled backward instead of keeping its output for in_proj's.
-            y = recompute_in_backward(self.conv_input, x)
-        else:
-            y = self.conv_input(x, past)
+        # A depthwise conv is rebuilt from x (kept for the projections' gradients anyway) in a compiled
+        # backward instead of keeping its output for in_proj's.
+        y = recompute_in_backward(self.conv_input, x, past)
         if not need_tail:
             return y, None
         # Only the last k inputs matter: a prefill of T tokens copies k rows, not the whole sequence.

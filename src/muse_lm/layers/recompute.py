@@ -23,10 +23,10 @@ def _recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_RECOMPUTE
 
 
-def recompute_in_backward(fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+def recompute_in_backward(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args). While torch.compile traces it, every op of `fn` is tagged must-recompute: the compiled
-    backward rebuilds what it needs of `fn`'s intermediates and output from `args` (kept, or themselves
-    rebuilt) and the parameters `fn` reads. In eager mode this is a plain call: re-running a region
+    backward rebuilds what it needs of `fn`'s intermediates and output from the tensors in `args` (kept, or
+    themselves rebuilt) and the parameters `fn` reads. In eager mode this is a plain call: re-running a region
     there costs its kernel launches and Python again, on a step that is host-bound already.
 
     `fn` must be deterministic (no dropout, no Gumbel noise: it runs twice) and cheap next to the
